@@ -1,0 +1,1 @@
+"""Reward content: rule-based scorers used by recipes, and (later) learned reward models."""

@@ -1,0 +1,93 @@
+"""Generation with `transformers.generate` on the policy itself: works everywhere, nothing to sync."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import transformers
+
+from rlhf.engine.base import Rollouts, SamplingParams
+from rlhf.models.precision import autocast
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids_BP, mask_BP with every sequence right-aligned (left padding)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = ids if isinstance(ids, list) else [ids]
+    return {i for i in ids + [tokenizer.eos_token_id] if i is not None}
+
+
+def split_completions(out_NT: torch.Tensor, eos: set[int]) -> tuple[list[list[int]], list[bool]]:
+    """Cut each generated row after its first EOS; rows without EOS were truncated."""
+    completions, finished = [], []
+    for row in out_NT.tolist():
+        cut = next((i for i, tok in enumerate(row) if tok in eos), None)
+        completions.append(row if cut is None else row[: cut + 1])
+        finished.append(cut is not None)
+    return completions, finished
+
+
+class HFEngine:
+    """Batched left-padded sampling with `model.generate` on the (unwrapped) policy."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, cfg):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.compute_dtype = cfg.model.compute_dtype
+        self.pad_id = tokenizer.pad_token_id
+        self.eos = eos_ids(model, tokenizer)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, return_logps: bool = False) -> Rollouts:
+        model = self.model
+        device = next(model.parameters()).device
+        ids_BP, mask_BP = left_pad(prompt_ids, self.pad_id, device)
+        gen_cfg = transformers.GenerationConfig(
+            do_sample=not sampling.greedy,
+            temperature=sampling.temperature if not sampling.greedy else None,
+            top_p=sampling.top_p if not sampling.greedy else None,
+            top_k=sampling.top_k if not sampling.greedy else None,
+            max_new_tokens=sampling.max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos),
+            return_dict_in_generate=True,
+            output_scores=return_logps,
+        )
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast(self.compute_dtype, device):
+                out = model.generate(input_ids=ids_BP, attention_mask=mask_BP, generation_config=gen_cfg)
+        finally:
+            model.train(was_training)
+        gen_NT = out.sequences[:, ids_BP.shape[1]:].cpu()
+        completions, finished = split_completions(gen_NT, self.eos)
+        logps = None
+        if return_logps:
+            # out.scores: per step [N, V] after temperature/top-p/top-k warping = the sampling distribution
+            scores_NTV = torch.stack(out.scores, dim=1).float().cpu()
+            logp_NT = torch.log_softmax(scores_NTV, -1).gather(-1, gen_NT.unsqueeze(-1)).squeeze(-1)
+            logps = [logp_NT[i, : len(c)].tolist() for i, c in enumerate(completions)]
+        prompts_N = [p for p in prompt_ids for _ in range(n)]
+        return Rollouts(prompt_ids=prompts_N, completion_ids=completions, finished=finished, sampler_logps=logps)
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        self.model = model  # generation runs on the policy itself
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass

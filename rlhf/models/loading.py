@@ -1,0 +1,80 @@
+"""Load the policy, its reference and tokenizer from a local directory (or the embedded model)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from rlhf.models import embedded
+
+
+def resolve_model_path(path: str) -> Path:
+    """A local model directory; embedded names are prepared on first use."""
+    if path in embedded.EMBEDDED:
+        return embedded.prepare(path)
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.path '{path}' is not a local transformers model directory (no config.json there); "
+            f"use a saved model directory or one of: {', '.join(embedded.EMBEDDED)}"
+        )
+    return p
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(path), dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
+        raise ValueError(f"model '{path}' is quantized; training needs plain weights (dequantize and save it first)")
+    return model
+
+
+def load_policy(mcfg) -> torch.nn.Module:
+    """The trainable policy: full weights in fp32, or a LoRA adapter (fp32) on a frozen base.
+
+    With LoRA and bf16 compute the frozen base is kept in bf16 (it never receives updates).
+    """
+    lora = mcfg.lora
+    base_dtype = torch.bfloat16 if (lora.enabled and mcfg.compute_dtype == "bf16") else torch.float32
+    model = load_causal_lm(mcfg.path, base_dtype, mcfg.trust_remote_code)
+    model.config.use_cache = False
+    if mcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora.enabled:
+            model.enable_input_require_grads()
+    if lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
+        peft_cfg = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        )
+        try:
+            model = get_peft_model(model, peft_cfg)
+        except ValueError as e:
+            raise ValueError(f"model.lora.target_modules={lora.target_modules}: {e}") from None
+        for p in model.parameters():  # adapters train in fp32
+            if p.requires_grad:
+                p.data = p.data.float()
+    return model
+
+
+def load_reference(mcfg, policy: torch.nn.Module, kl_coef: float) -> Optional[torch.nn.Module]:
+    """The frozen reference: None when the KL coefficient is 0 or with LoRA (the adapter is disabled instead)."""
+    if kl_coef == 0 or mcfg.lora.enabled:
+        return None
+    ref = copy.deepcopy(policy)  # same dtype and autocast as the policy: KL is exactly 0 at the start
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref

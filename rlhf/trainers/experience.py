@@ -1,0 +1,70 @@
+"""One batch of experience on this process: rollouts, scores and the per-token tensors the update needs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from rlhf.models.logprobs import TokenBatch, collate
+
+
+@dataclass
+class Experience:
+    """N samples, prompt-major (group g = rows g*G .. g*G+G-1); per-token tensors are [N, T], right-padded."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    mask_NT: Tensor
+    scores_N: Tensor  # combined reward, NaN where unscorable
+    adv_NT: Optional[Tensor] = None
+    ret_NT: Optional[Tensor] = None
+    old_logp_NT: Optional[Tensor] = None  # policy before the update (only when the batch is reused)
+    ref_logp_NT: Optional[Tensor] = None  # reference policy (only when the KL coefficient > 0)
+    sampler_logp_NT: Optional[Tensor] = None  # from the generation engine
+    values_NT: Optional[Tensor] = None  # critic
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    def select(self, rows: list[int]) -> "Experience":
+        """Rows `rows`, per-token tensors trimmed to the longest selected completion."""
+        T = max(1, max(len(self.completion_ids[i]) for i in rows))
+        idx = torch.tensor(rows, dtype=torch.long)
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                out[f.name] = [v[i] for i in rows]
+            elif isinstance(v, Tensor):
+                out[f.name] = v[idx, :T] if v.dim() == 2 else v[idx]
+            else:
+                out[f.name] = v
+        return replace(self, **out)
+
+    def tokens(self, pad_id: int, device) -> TokenBatch:
+        return collate(self.prompt_ids, self.completion_ids, pad_id, device)
+
+
+def completion_mask(completion_ids: list[list[int]]) -> Tensor:
+    T = max(1, max(len(c) for c in completion_ids))
+    mask = torch.zeros(len(completion_ids), T)
+    for i, c in enumerate(completion_ids):
+        mask[i, : len(c)] = 1.0
+    return mask
+
+
+def pad_rows(rows: list[list[float]], T: int) -> Tensor:
+    out = torch.zeros(len(rows), T)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r[:T], dtype=torch.float32)
+    return out
+
+
+def score_at_last_token(scores_N: Tensor, mask_NT: Tensor) -> Tensor:
+    """rewards_NT with each sample's score on its last completion token (0 elsewhere)."""
+    last_N = (mask_NT.sum(-1).long() - 1).clamp(min=0)
+    rewards_NT = torch.zeros_like(mask_NT)
+    rewards_NT[torch.arange(len(scores_N)), last_N] = scores_N.to(mask_NT.dtype)
+    return rewards_NT

@@ -1,0 +1,344 @@
+"""The RL trainer: one loop for the policy-gradient family (GRPO, RLOO, REINFORCE, ...), on accelerate.
+
+One step, top to bottom (see `Trainer.step`):
+
+    prompts_B -> engine.generate (G each) -> rewards -> no-grad old/ref log-probs
+    -> advantages -> for each pass: for each mini-batch: micro-batch loss, backward, optimizer step
+    -> engine.update_weights -> metrics.jsonl
+
+Algorithms come from the registries in `rlhf.algos`, picked by name in the config.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from rlhf import algos
+from rlhf.algos import AdvantageInputs, LossNormalizer
+from rlhf.config import Config, ConfigError, to_dict
+from rlhf.data import PromptSource, load_prompt_dataset
+from rlhf.engine import ENGINES, SamplingParams
+from rlhf.logging import JsonlWriter, PhaseTimer, Progress, console_line
+from rlhf.models.loading import load_policy, load_reference, load_tokenizer
+from rlhf.models.logprobs import completion_logprobs
+from rlhf.rewards import RewardModule
+from rlhf.trainers import checkpoint as ckpt
+from rlhf.trainers.experience import Experience, completion_mask, pad_rows, score_at_last_token
+from rlhf.trainers.optim import build_optimizer, build_scheduler
+
+
+def check_algorithm(cfg: Config, has_critic: bool = False) -> None:
+    """Reject invalid combinations before any model is loaded."""
+    meta = algos.ADVANTAGES.meta(cfg.algo.advantage)
+    if meta.get("needs_values") and not has_critic:
+        raise ConfigError(f"algo.advantage={cfg.algo.advantage} needs a critic (values); use the PPO trainer or a critic-free estimator")
+    if cfg.algo.policy_loss == "pg" and cfg.train.updates_per_batch > 1:
+        raise ConfigError("algo.policy_loss=pg is on-policy only: set train.updates_per_batch=1 or use ppo_clip")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, accelerator: Optional[Accelerator] = None):
+        self.cfg = cfg
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        cfg.validate(self.acc.num_processes)
+        check_algorithm(cfg)
+        set_seed(cfg.train.seed, device_specific=True)
+        self.out = Path(cfg.output_dir)
+        self.log = self.acc.print
+        self.log(cfg.derived_summary(self.acc.num_processes))
+
+        # Cheap, error-prone inputs first: rewards and data fail before the model loads.
+        self.rewards = RewardModule(cfg.reward.functions, cfg.reward.on_error, cfg.reward.timeout_s)
+        self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+        d = cfg.data
+        self.prompts = PromptSource(
+            load_prompt_dataset(d.train, "train", d.task_args, cfg.train.seed), self.tokenizer, name=d.train,
+            prompt_column=d.prompt_column, max_prompt_tokens=d.max_prompt_tokens, on_long_prompt=d.on_long_prompt,
+            shuffle=d.shuffle, seed=cfg.train.seed,
+        )
+
+        policy = load_policy(cfg.model)
+        self.ref = load_reference(cfg.model, policy, cfg.algo.kl.coef)
+        if self.ref is not None:
+            self.ref.to(self.acc.device)
+        optimizer = build_optimizer(policy, cfg.train)
+        self.total_opt_steps = cfg.train.steps * cfg.train.updates_per_batch
+        self.scheduler = build_scheduler(optimizer, cfg.train, self.total_opt_steps)
+        self.model, self.optimizer = self.acc.prepare(policy, optimizer)
+        self.engine = ENGINES.get(cfg.generation.engine)(self.acc.unwrap_model(self.model), self.tokenizer, cfg)
+        g = cfg.generation
+        self.sampling = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k)
+
+        self.adv_fn = algos.ADVANTAGES.get(cfg.algo.advantage)
+        self.loss_fn = algos.POLICY_LOSSES.get(cfg.algo.policy_loss)
+        self.agg_fn = algos.LOSS_AGGREGATIONS.get(cfg.algo.loss_agg)
+        self.kl_fn = algos.KL_ESTIMATORS.get(cfg.algo.kl.estimator)
+        self.state = {"step": 0, "opt_step": 0, "skipped_steps": 0}
+        self.metrics = JsonlWriter(self.out / "metrics.jsonl")
+        self.completions = JsonlWriter(self.out / "completions.jsonl")
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.acc.unwrap_model(self.model)
+
+    def _reduce_sum(self, x: float) -> float:
+        return float(self.acc.reduce(torch.tensor(float(x), device=self.acc.device), "sum"))
+
+    def _chunks(self, rows: list[int]):
+        mbs = self.cfg.train.micro_batch_size
+        return [rows[i: i + mbs] for i in range(0, len(rows), mbs)]
+
+    @torch.no_grad()
+    def _logprobs(self, exp: Experience, reference: bool) -> torch.Tensor:
+        """Log-probs of every completion token under the policy (or the reference), micro-batched."""
+        logp_NT = torch.zeros_like(exp.mask_NT)
+        use_adapter_off = reference and self.ref is None  # LoRA: the reference is the base network
+        model = self.ref if (reference and self.ref is not None) else self.unwrapped
+        ctx = self.unwrapped.disable_adapter() if use_adapter_off else contextlib.nullcontext()
+        model.eval()
+        with ctx:
+            for rows in self._chunks(list(range(len(exp)))):
+                mb = exp.select(rows)
+                lp, _ = completion_logprobs(model, mb.tokens(self.tokenizer.pad_token_id, self.acc.device),
+                                            self.cfg.generation.temperature, self.cfg.model.compute_dtype)
+                logp_NT[rows, : lp.shape[1]] = lp.float().cpu()
+        self.unwrapped.train()
+        return logp_NT
+
+    # ------------------------------------------------------------------ the step
+
+    def make_experience(self, timer: PhaseTimer) -> tuple[Experience, dict]:
+        cfg, G = self.cfg, self.cfg.train.samples_per_prompt
+        with timer("generate"):
+            batch = self.prompts.batch(cfg.train.prompts_per_step, self.acc.process_index, self.acc.num_processes)
+            rollouts = self.engine.generate(batch.prompt_ids, G, self.sampling)
+        with timer("reward"):
+            texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+            prompts_N = [p for p in batch.prompts for _ in range(G)]
+            completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts_N, texts)]
+            columns = {k: [v for v in vals for _ in range(G)] for k, vals in batch.columns.items()}
+            result = self.rewards(prompts_N, completions, rollouts.completion_ids, columns)
+        mask_NT = completion_mask(rollouts.completion_ids)
+        exp = Experience(rollouts.prompt_ids, rollouts.completion_ids, mask_NT, result.scores_N)
+        with timer("logprob"):
+            reuse = cfg.train.updates_per_batch > 1 or cfg.algo.kl.placement == "in_reward"
+            if reuse:  # with one on-policy pass, old log-probs equal the current ones (detached)
+                exp.old_logp_NT = self._logprobs(exp, reference=False)
+            if cfg.algo.kl.coef > 0:
+                exp.ref_logp_NT = self._logprobs(exp, reference=True)
+        rewards_NT = score_at_last_token(exp.scores_N, mask_NT)
+        kl_reward = None
+        if cfg.algo.kl.coef > 0 and cfg.algo.kl.placement == "in_reward":
+            kl_NT = self.kl_fn(exp.old_logp_NT, exp.ref_logp_NT) * mask_NT
+            rewards_NT = rewards_NT - cfg.algo.kl.coef * kl_NT
+            kl_reward = float((kl_NT.sum() / mask_NT.sum()))
+        exp.adv_NT, exp.ret_NT = self.adv_fn(AdvantageInputs(rewards_NT, mask_NT, G, exp.values_NT), cfg.algo)
+        info = {"texts": texts, "prompts": prompts_N, "per_fn": result.per_fn, "reward_stats": result.stats,
+                "finished": rollouts.finished, "kl_reward": kl_reward}
+        return exp, info
+
+    def update(self, exp: Experience) -> list[dict]:
+        """updates_per_batch passes over the batch, one optimizer step each; returns per-step stats."""
+        cfg, acc = self.cfg, self.acc
+        rows = list(range(len(exp)))
+        norm = LossNormalizer(
+            num_tokens=self._reduce_sum(exp.mask_NT.sum()), num_seqs=self._reduce_sum(len(exp)),
+            max_tokens=float(cfg.generation.max_new_tokens),
+        )
+        beta = cfg.algo.kl.coef if cfg.algo.kl.placement == "in_loss" else 0.0
+        out = []
+        for _ in range(cfg.train.updates_per_batch):
+            sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
+            extra: dict[str, float] = {}
+            chunks = self._chunks(rows)
+            for k, chunk in enumerate(chunks):
+                mb = exp.select(chunk)
+                sync = acc.no_sync(self.model) if k < len(chunks) - 1 else contextlib.nullcontext()
+                with sync:
+                    tokens = mb.tokens(self.tokenizer.pad_token_id, acc.device)
+                    logp_NT, ent_NT = completion_logprobs(self.model, tokens, cfg.generation.temperature, cfg.model.compute_dtype)
+                    dev = logp_NT.device
+                    mask_NT, adv_NT = mb.mask_NT.to(dev), mb.adv_NT.to(dev)
+                    old_NT = mb.old_logp_NT.to(dev) if mb.old_logp_NT is not None else logp_NT.detach()
+                    loss_NT, stats = self.loss_fn(logp_NT, old_NT, adv_NT, mask_NT, cfg.algo)
+                    if beta > 0:
+                        kl_NT = self.kl_fn(logp_NT, mb.ref_logp_NT.to(dev))
+                        loss_NT = loss_NT + beta * kl_NT
+                        sums["kl"] += float((kl_NT.detach() * mask_NT).sum())
+                    # DDP averages gradients over processes; the normaliser is already global.
+                    loss = self.agg_fn(loss_NT, mask_NT, norm) * acc.num_processes
+                    acc.backward(loss)
+                n_tok = float(mask_NT.sum())
+                sums["loss"] += float(loss.detach()) / acc.num_processes
+                sums["entropy"] += float((ent_NT * mask_NT).sum())
+                sums["tokens"] += n_tok
+                for key, v in stats.items():
+                    extra[key] = extra.get(key, 0.0) + float(v) * n_tok
+            grad_norm = self._clip_and_step()
+            record = {"loss": self._reduce_sum(sums["loss"]), "grad_norm": grad_norm,
+                      "lr": self.scheduler.get_last_lr()[0], "entropy": self._reduce_sum(sums["entropy"]) / norm.num_tokens}
+            record["kl"] = self._reduce_sum(sums["kl"]) / norm.num_tokens if beta > 0 else None
+            for key, v in extra.items():
+                record[key] = self._reduce_sum(v) / norm.num_tokens
+            out.append(record)
+        return out
+
+    def _clip_and_step(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.cfg.train.max_grad_norm
+        grad_norm = self.acc.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        grad_norm = float(grad_norm)
+        if torch.isfinite(torch.tensor(grad_norm)):
+            self.optimizer.step()
+            self.scheduler.step()
+        else:  # never let a NaN/inf gradient reach the weights
+            self.state["skipped_steps"] += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["opt_step"] += 1
+        return grad_norm
+
+    def step(self) -> list[dict]:
+        """One RL step; returns the metrics records written (one per optimizer step)."""
+        cfg, G = self.cfg, self.cfg.train.samples_per_prompt
+        timer, t0 = PhaseTimer(), time.perf_counter()
+        exp, info = self.make_experience(timer)
+        with timer("train"):
+            updates = self.update(exp)
+        with timer("sync"):
+            self.engine.update_weights(self.unwrapped)
+        self.state["step"] += 1
+
+        scores = self.acc.gather(exp.scores_N.to(self.acc.device)).float().cpu()
+        lens = self.acc.gather(exp.mask_NT.sum(-1).to(self.acc.device)).float().cpu()
+        finished = self.acc.gather(torch.tensor(info["finished"], device=self.acc.device)).cpu()
+        valid = torch.isfinite(scores)
+        group_std = torch.nan_to_num(scores.view(-1, G), nan=0.0).std(-1)
+        batch_metrics = {
+            "reward/mean": float(scores[valid].mean()) if valid.any() else float("nan"),
+            "reward/std": float(scores[valid].std()) if valid.sum() > 1 else 0.0,
+            "frac_zero_std": float((group_std == 0).float().mean()),
+            "completion/len_mean": float(lens.mean()),
+            "completion/truncated_frac": float((~finished).float().mean()),
+            "world_size": self.acc.num_processes,
+        }
+        for name, values in info["per_fn"].items():
+            v = self.acc.gather(torch.tensor([float("nan") if x is None else x for x in values], device=self.acc.device))
+            batch_metrics[f"reward/{name}/mean"] = float(v[torch.isfinite(v)].mean()) if torch.isfinite(v).any() else None
+        batch_metrics.update({k: self._reduce_sum(v) for k, v in info["reward_stats"].items() if k.endswith(("unscored", "errors"))})
+        if info["kl_reward"] is not None:
+            batch_metrics["kl_in_reward"] = info["kl_reward"]
+        # The first record of a step carries the step's timings; later ones (updates_per_batch > 1) carry 0.
+        times = {f"time/{k}_s": v for k, v in timer.seconds.items()}
+        times["time/step_s"] = time.perf_counter() - t0
+        records = []
+        for i, upd in enumerate(updates):
+            rec = {"step": self.state["step"], "opt_step": self.state["opt_step"] - len(updates) + i + 1, **batch_metrics, **upd}
+            rec.update({k: (v if i == 0 else 0.0) for k, v in times.items()})
+            records.append(rec)
+        if self.is_main:
+            for rec in records:
+                self.metrics.write(rec)
+            self._write_completions(exp, info)
+        return records
+
+    def _write_completions(self, exp: Experience, info: dict) -> None:
+        n = min(self.cfg.log.completions_per_step, len(exp))
+        for i in range(n):
+            prompt = info["prompts"][i]
+            self.completions.write({
+                "step": self.state["step"], "prompt": prompt if isinstance(prompt, str) else json.dumps(prompt),
+                "completion": info["texts"][i], "reward": float(exp.scores_N[i]),
+                **{f"reward/{k}": v[i] for k, v in info["per_fn"].items()}, "advantage": float(exp.adv_NT[i, 0]),
+            })
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> list[dict]:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._maybe_resume()
+        if self.is_main:
+            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        self._install_signal_handlers()
+        progress = Progress(cfg.train.steps, cfg.log.progress and self.is_main, start=self.state["step"])
+        history = []
+        try:
+            while self.state["step"] < cfg.train.steps:
+                records = self.step()
+                history += records
+                progress.update(records[0])
+                if not cfg.log.progress:
+                    self.log(console_line(records[0]))
+                every = cfg.checkpoint.every
+                if self._stop_requested or (every and self.state["step"] % every == 0):
+                    self.save_checkpoint()
+                if self._stop_requested:
+                    self.log(f"stop requested: saved a checkpoint at step {self.state['step']} and exiting")
+                    return history
+        finally:
+            progress.close()
+        if cfg.checkpoint.every == 0 or self.state["step"] % cfg.checkpoint.every:
+            self.save_checkpoint()
+        if cfg.checkpoint.save_final:
+            self.save_final()
+        return history
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self._stop_requested = True
+
+        with contextlib.suppress(ValueError):  # only possible in the main thread
+            signal.signal(signal.SIGTERM, request_stop)
+            signal.signal(signal.SIGUSR1, request_stop)
+
+    def save_checkpoint(self) -> None:
+        root = self.out / "checkpoints"
+        step = self.state["step"]
+        ckpt.write_rank_files(root, step, self.acc.process_index)
+        self.acc.wait_for_everyone()
+        if self.is_main:
+            state = {**self.state, "data": self.prompts.state()}
+            ckpt.commit(root, step, self.unwrapped, self.optimizer, self.scheduler, state, self.cfg.checkpoint.keep_last)
+        self.acc.wait_for_everyone()
+
+    def _maybe_resume(self) -> None:
+        resume = self.cfg.checkpoint.resume
+        if resume == "none":
+            return
+        path = ckpt.find_latest(self.out / "checkpoints") if resume == "latest" else Path(resume)
+        if path is None:
+            self.log("checkpoint.resume=latest: no checkpoint found, starting fresh")
+            return
+        state = ckpt.load(path, self.unwrapped, self.optimizer, self.scheduler, self.acc.process_index)
+        self.prompts.load_state(state.pop("data"))
+        self.state.update(state)
+        self.engine.update_weights(self.unwrapped)
+        if self.is_main:  # forget steps logged after the checkpoint, so none is logged twice
+            self.metrics.truncate_after("step", self.state["step"])
+            self.completions.truncate_after("step", self.state["step"])
+        self.log(f"resumed from {path} at step {self.state['step']}")
+
+    def save_final(self) -> None:
+        """`<output_dir>/final`: the adapter (LoRA) or the full model, plus the tokenizer; optionally merged."""
+        if not self.is_main:
+            return
+        from rlhf.models.export import save_model
+
+        save_model(self.unwrapped, self.tokenizer, self.out / "final", merge=False)
+        if self.cfg.model.lora.enabled and self.cfg.checkpoint.merge_lora:
+            save_model(self.unwrapped, self.tokenizer, self.out / "final_merged", merge=True)
