@@ -59,7 +59,7 @@ class HFEngine:
             top_p=sampling.top_p if not sampling.greedy else None,
             top_k=sampling.top_k if not sampling.greedy else None,
             max_new_tokens=sampling.max_new_tokens,
-            num_return_sequences=n,
+            num_return_sequences=1 if sampling.greedy else n,  # greedy samples are all equal
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos),
             return_dict_in_generate=True,
@@ -73,6 +73,9 @@ class HFEngine:
         finally:
             model.train(was_training)
         gen_NT = out.sequences[:, ids_BP.shape[1]:].cpu()
+        if sampling.greedy and n > 1:
+            gen_NT = gen_NT.repeat_interleave(n, 0)
+            out.scores = tuple(s.repeat_interleave(n, 0) for s in out.scores) if out.scores else out.scores
         completions, finished = split_completions(gen_NT, self.eos)
         logps = None
         if return_logps:

@@ -37,7 +37,7 @@ class RewardModule:
         self.fns: list[tuple[str, Callable, float]] = []
         for spec in specs:
             fn = load_reward_fn(spec.fn)
-            name = spec.name or getattr(fn, "__name__", spec.fn)
+            name = spec.name or spec.fn.rsplit(":", 1)[-1]
             if any(name == n for n, _, _ in self.fns):
                 raise ValueError(f"two reward functions are named '{name}'; give one a `name`")
             self.fns.append((name, fn, float(spec.weight)))

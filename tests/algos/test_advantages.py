@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from rlhf.algos import ADVANTAGES, AdvantageInputs
+from rlhf.algos.advantages import discounted_returns
+from rlhf.config import AlgoConfig
+from rlhf.trainers.experience import score_at_last_token
+
+
+def outcome_inputs(scores, G, T=3, lengths=None):
+    scores = torch.tensor(scores, dtype=torch.float32)
+    N = len(scores)
+    mask = torch.ones(N, T)
+    if lengths:
+        for i, L in enumerate(lengths):
+            mask[i, L:] = 0
+    return AdvantageInputs(score_at_last_token(scores, mask), mask, G)
+
+
+def test_grpo_hand_computed():
+    cfg = AlgoConfig(std_eps=0.0)
+    adv, _ = ADVANTAGES.get("grpo")(outcome_inputs([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 5.0], G=4), cfg)
+    # group 1: mean 0.5, unbiased std sqrt(1/3); group 2: mean 2.75, std 1.5
+    s1 = math.sqrt(1 / 3)
+    expected = torch.tensor([0.5 / s1, -0.5 / s1, -0.5 / s1, 0.5 / s1, -0.5, -0.5, -0.5, 1.5])
+    assert torch.allclose(adv[:, 0], expected, atol=1e-6)
+    assert torch.allclose(adv, expected[:, None].expand(8, 3), atol=1e-6)  # every token of a sample
+
+
+def test_grpo_all_equal_group_is_zero_and_padding_is_zero():
+    adv, _ = ADVANTAGES.get("grpo")(outcome_inputs([1.0, 1.0, 0.0, 1.0], G=2, lengths=[3, 1, 2, 3]), AlgoConfig())
+    assert torch.equal(adv[:2], torch.zeros(2, 3))
+    assert adv[2, 2] == 0 and adv[2, 0] < 0 and adv[3, 0] > 0
+
+
+def test_dr_grpo_and_reinforce_baseline_subtract_mean_only():
+    inp = outcome_inputs([3.0, 1.0, 0.0, 0.0], G=2)
+    for name in ("dr_grpo", "reinforce_baseline"):
+        adv, _ = ADVANTAGES.get(name)(inp, AlgoConfig())
+        assert torch.allclose(adv[:, 0], torch.tensor([1.0, -1.0, 0.0, 0.0]))
+
+
+def test_rloo_leave_one_out():
+    adv, _ = ADVANTAGES.get("rloo")(outcome_inputs([1.0, 2.0, 6.0], G=3), AlgoConfig())
+    assert torch.allclose(adv[:, 0], torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5]))
+
+
+def test_nan_scores_get_zero_advantage_and_are_left_out_of_stats():
+    adv, _ = ADVANTAGES.get("grpo")(outcome_inputs([1.0, float("nan"), 0.0, 1.0], G=4), AlgoConfig(std_eps=0.0))
+    assert adv[1].abs().sum() == 0 and torch.isfinite(adv).all()
+    # stats over [1, 0, 1]: mean 2/3, std sqrt(1/3)
+    assert adv[0, 0] == pytest.approx((1 - 2 / 3) / math.sqrt(1 / 3), rel=1e-5)
+
+
+def test_reinforce_reward_to_go_with_gamma():
+    rewards = torch.tensor([[1.0, 0.0, 2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    ret = discounted_returns(rewards, mask, gamma=0.5)
+    assert torch.allclose(ret, torch.tensor([[1 + 0.25 * 2, 0.5 * 2, 2.0, 0.0]]))
+    adv, _ = ADVANTAGES.get("reinforce")(AdvantageInputs(rewards, mask, 1), AlgoConfig(gamma=0.5))
+    assert torch.allclose(adv, ret)
+
+
+def test_gae_hand_computed_trajectory():
+    r = torch.tensor([[0.0, 0.0, 1.0]])
+    v = torch.tensor([[0.5, 0.6, 0.7]])
+    m = torch.ones(1, 3)
+    g, lam = 0.9, 0.8
+    d2 = 1.0 - 0.7
+    d1 = 0.0 + g * 0.7 - 0.6
+    d0 = 0.0 + g * 0.6 - 0.5
+    a2, a1 = d2, d1 + g * lam * d2
+    a0 = d0 + g * lam * a1
+    adv, ret = ADVANTAGES.get("gae")(AdvantageInputs(r, m, 1, v), AlgoConfig(gamma=g, lam=lam))
+    assert torch.allclose(adv, torch.tensor([[a0, a1, a2]]), atol=1e-6)
+    assert torch.allclose(ret, adv + v, atol=1e-6)
+    assert ADVANTAGES.meta("gae") == {"needs_values": True}
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 4), st.integers(2, 6), st.data())
+def test_group_advantages_sum_to_zero(B, G, data):
+    scores = data.draw(st.lists(st.floats(-10, 10), min_size=B * G, max_size=B * G))
+    inp = outcome_inputs(scores, G)
+    for name in ("grpo", "rloo", "reinforce_baseline", "dr_grpo"):
+        adv, _ = ADVANTAGES.get(name)(inp, AlgoConfig())
+        assert torch.allclose(adv[:, 0].view(B, G).sum(-1), torch.zeros(B), atol=1e-3), name

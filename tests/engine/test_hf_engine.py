@@ -1,0 +1,42 @@
+import torch
+
+from rlhf.config import Config
+from rlhf.engine import SamplingParams
+from rlhf.engine.hf import HFEngine, split_completions
+from rlhf.models.loading import load_causal_lm
+from rlhf.models.logprobs import collate, completion_logprobs
+
+
+def test_split_completions_cuts_after_first_eos():
+    comps, finished = split_completions(torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9]]), eos={2})
+    assert comps == [[5, 6, 2], [5, 6, 7, 8, 9]] and finished == [True, False]
+
+
+def test_generate_groups_lengths_and_sampler_logps(tiny_model_dir, tokenizer):
+    torch.manual_seed(0)
+    model = load_causal_lm(str(tiny_model_dir))
+    cfg = Config()
+    cfg.model.compute_dtype = "fp32"
+    engine = HFEngine(model, tokenizer, cfg)
+    prompts = [[7, 8, 9], [10]]
+    out = engine.generate(prompts, n=3, sampling=SamplingParams(max_new_tokens=6, temperature=0.9), return_logps=True)
+    assert len(out) == 6 and out.prompt_ids == [prompts[0]] * 3 + [prompts[1]] * 3
+    for comp, fin in zip(out.completion_ids, out.finished):
+        assert 1 <= len(comp) <= 6
+        assert fin == (comp[-1] == tokenizer.eos_token_id)
+        assert tokenizer.eos_token_id not in comp[:-1]
+    # sampler log-probs equal the trainer's log-probs at the same temperature
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model.eval(), collate(out.prompt_ids, out.completion_ids, tokenizer.pad_token_id), 0.9)
+    for i, comp in enumerate(out.completion_ids):
+        assert torch.allclose(torch.tensor(out.sampler_logps[i]), logp[i, : len(comp)], atol=1e-4)
+
+
+def test_greedy_is_deterministic(tiny_model_dir, tokenizer):
+    model = load_causal_lm(str(tiny_model_dir))
+    cfg = Config()
+    cfg.model.compute_dtype = "fp32"
+    engine = HFEngine(model, tokenizer, cfg)
+    a = engine.generate([[7, 8]], n=2, sampling=SamplingParams(max_new_tokens=5, greedy=True))
+    b = engine.generate([[7, 8]], n=1, sampling=SamplingParams(max_new_tokens=5, greedy=True))
+    assert a.completion_ids[0] == a.completion_ids[1] == b.completion_ids[0]

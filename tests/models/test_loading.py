@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from rlhf.config import ModelConfig, LoraConfig
+from rlhf.models.loading import load_policy, load_reference, resolve_model_path
+
+
+def test_missing_model_dir_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.path '.*nope' is not a local transformers model directory"):
+        resolve_model_path(str(tmp_path / "nope"))
+
+
+def test_lora_policy_trains_only_adapters_and_has_no_reference_copy(tiny_model_dir):
+    mcfg = ModelConfig(path=str(tiny_model_dir), compute_dtype="fp32", lora=LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj"]))
+    policy = load_policy(mcfg)
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in policy.parameters() if p.requires_grad)
+    assert load_reference(mcfg, policy, kl_coef=0.04) is None  # the adapter is disabled instead
+
+
+def test_full_finetune_reference_is_frozen_copy_and_absent_without_kl(tiny_model_dir):
+    mcfg = ModelConfig(path=str(tiny_model_dir), compute_dtype="fp32", lora=LoraConfig(enabled=False))
+    policy = load_policy(mcfg)
+    ref = load_reference(mcfg, policy, kl_coef=0.04)
+    assert ref is not None and not any(p.requires_grad for p in ref.parameters())
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(policy.parameters(), ref.parameters()))
+    assert load_reference(mcfg, policy, kl_coef=0.0) is None
+
+
+def test_bad_lora_target_is_named(tiny_model_dir):
+    mcfg = ModelConfig(path=str(tiny_model_dir), lora=LoraConfig(target_modules=["nonexistent_proj"]))
+    with pytest.raises(ValueError, match="model.lora.target_modules"):
+        load_policy(mcfg)

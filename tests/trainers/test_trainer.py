@@ -1,0 +1,131 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.config import ConfigError
+from rlhf.logging import read_jsonl
+from rlhf.trainers import Trainer
+
+REQUIRED = ["step", "reward/mean", "reward/std", "kl", "loss", "completion/len_mean", "time/step_s", "time/generate_s", "time/train_s"]
+
+YES_REWARD = '''
+def yes_fraction(prompts, completions, completion_ids, **kwargs):
+    """Dense toy reward: the fraction of completion words that are 'yes'."""
+    out = []
+    for c in completions:
+        text = c if isinstance(c, str) else c[-1]["content"]
+        words = text.split()
+        out.append(sum(w == "yes" for w in words) / max(1, len(words)))
+    return out
+'''
+
+
+@pytest.fixture
+def yes_reward(tmp_path):
+    path = tmp_path / "yes_reward.py"
+    path.write_text(YES_REWARD)
+    return f"reward.functions=[{{fn: '{path}:yes_fraction'}}]"
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_lora_run_changes_adapter_only_and_writes_outputs(tiny_cfg, yes_reward):
+    cfg = tiny_cfg("model.lora.enabled=true", "model.lora.r=4", yes_reward, "checkpoint.save_final=true")
+    trainer = Trainer(cfg)
+    before = params(trainer.unwrapped)
+    records = trainer.train()
+    after = params(trainer.unwrapped)
+    lora = [n for n in before if "lora_" in n]
+    base = [n for n in before if "lora_" not in n]
+    assert lora and base
+    assert any(not torch.equal(before[n], after[n]) for n in lora), "LoRA weights did not change"
+    assert all(torch.equal(before[n], after[n]) for n in base), "base weights changed under LoRA"
+    assert records[0]["kl"] == 0.0  # adapter starts at zero: policy == reference
+
+    out = trainer.out
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in REQUIRED:
+        assert all(key in r for r in rows), key
+    comps = read_jsonl(out / "completions.jsonl")
+    assert {"step", "prompt", "completion", "reward", "advantage", "reward/yes_fraction"} <= set(comps[0])
+    assert (out / "final" / "adapter_config.json").is_file()
+    from peft import AutoPeftModelForCausalLM
+
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(out / "final")
+    sd = {n: p for n, p in reloaded.named_parameters() if "lora_B" in n}
+    assert sd and any(p.abs().sum() > 0 for p in sd.values())
+
+
+def test_full_finetune_changes_weights_and_kl_starts_at_zero(tiny_cfg, yes_reward):
+    trainer = Trainer(tiny_cfg(yes_reward, "algo.kl.coef=0.1"))
+    before = params(trainer.unwrapped)
+    records = trainer.train()
+    after = params(trainer.unwrapped)
+    assert records[0]["kl"] == 0.0 and records[-1]["kl"] > 0
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert len(changed) == len(before)
+    assert all(not p.requires_grad for p in trainer.ref.parameters())
+
+
+def test_no_reference_without_kl(tiny_cfg, yes_reward):
+    trainer = Trainer(tiny_cfg(yes_reward, "algo.kl.coef=0", "train.steps=1"))
+    assert trainer.ref is None
+    assert trainer.train()[0]["kl"] is None
+
+
+def test_tiny_model_learns_a_trivial_reward(tiny_cfg, yes_reward):
+    cfg = tiny_cfg(yes_reward, "train.steps=40", "train.prompts_per_step=4", "train.samples_per_prompt=8",
+                   "train.micro_batch_size=16", "train.lr=3e-3", "algo.kl.coef=0")
+    rewards = [r["reward/mean"] for r in Trainer(cfg).train()]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.3, (first, last)
+
+
+def test_reward_functions_receive_dataset_columns(tiny_cfg, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} ?", "target": f"t{i}", "level": i}) + "\n" for i in range(4)))
+    seen = tmp_path / "seen.jsonl"
+    (tmp_path / "spy.py").write_text(f'''
+import json
+def spy(prompts, completions, completion_ids, target, level, **kwargs):
+    with open({str(seen)!r}, "a") as f:
+        f.write(json.dumps({{"prompts": prompts, "target": target, "level": level, "ids": completion_ids}}) + "\\n")
+    return [0.0] * len(completions)
+''')
+    cfg = tiny_cfg(f"data.train={data}", f"reward.functions=[{{fn: '{tmp_path}/spy.py:spy'}}]", "train.steps=2")
+    Trainer(cfg).train()
+    calls = read_jsonl(seen)
+    assert len(calls) == 2
+    for call in calls:
+        assert len(call["target"]) == 8 and call["target"][0] == call["target"][3]  # G copies per prompt
+        for p, t, lv in zip(call["prompts"], call["target"], call["level"]):
+            assert p == f"What is {lv} ?" and t == f"t{lv}"
+        assert all(isinstance(i, int) for ids in call["ids"] for i in ids)
+
+
+def test_critic_estimator_rejected_before_loading(tiny_cfg):
+    with pytest.raises(ConfigError, match="algo.advantage=gae needs a critic"):
+        Trainer(tiny_cfg("algo.advantage=gae"))
+
+
+def test_resume_continues_exactly(tiny_cfg, yes_reward, tmp_path):
+    straight = Trainer(tiny_cfg(yes_reward, "train.steps=4", f"output_dir={tmp_path}/a"))
+    rec_a = straight.train()
+    first = Trainer(tiny_cfg(yes_reward, "train.steps=4", f"output_dir={tmp_path}/b", "checkpoint.every=2"))
+    first.cfg.train.steps = 2  # stop after 2 steps (the schedule still spans 4)
+    first.train()
+    second = Trainer(tiny_cfg(yes_reward, "train.steps=4", f"output_dir={tmp_path}/b", "checkpoint.resume=latest"))
+    second.train()
+    rec_b = read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in rec_b] == [1, 2, 3, 4]
+    for a, b in zip(rec_a, rec_b):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["reward/mean"] == b["reward/mean"]
+    pa, pb = params(straight.unwrapped), params(second.unwrapped)
+    assert all(torch.allclose(pa[n], pb[n], atol=1e-5) for n in pa)
+    latest = (tmp_path / "b" / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step_000004" and load_file(tmp_path / "b" / "checkpoints" / latest / "trainable.safetensors")
