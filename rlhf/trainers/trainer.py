@@ -26,7 +26,7 @@ from rlhf.algos import AdvantageInputs, LossNormalizer
 from rlhf.config import Config, ConfigError, to_dict
 from rlhf.data import PromptSource, load_prompt_dataset
 from rlhf.engine import ENGINES, SamplingParams
-from rlhf.logging import JsonlWriter, PhaseTimer, Progress, console_line
+from rlhf.logging import JsonlWriter, PhaseTimer, Progress
 from rlhf.models.loading import load_policy, load_reference, load_tokenizer
 from rlhf.models.logprobs import sample_logprobs
 from rlhf.rewards import RewardModule
@@ -285,9 +285,8 @@ class Trainer:
             while self.state["step"] < cfg.train.steps:
                 records = self.step()
                 history += records
-                progress.update(records[0])
-                if not cfg.log.progress:
-                    self.log(console_line(records[0]))
+                if self.is_main:
+                    progress.update(records[0])
                 every = cfg.checkpoint.every
                 if self._stop_requested or (every and self.state["step"] % every == 0):
                     self.save_checkpoint()
