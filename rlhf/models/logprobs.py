@@ -137,28 +137,34 @@ def _attention_mask(model: torch.nn.Module, visible_RLL: Tensor, dtype: torch.dt
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+def model_inputs(model: torch.nn.Module, pb: PackedBatch, compute_dtype: str, device) -> dict:
+    """Forward kwargs for a packed batch; outputs are kept from the last prompt column on."""
+    base = getattr(model, "module", model)  # DDP wrapper -> the model, for its config only
+    dtype = torch.bfloat16 if compute_dtype == "bf16" else torch.float32
+    return dict(
+        input_ids=pb.input_ids_RL.to(device),
+        position_ids=pb.position_ids_RL.to(device),
+        attention_mask=_attention_mask(base, pb.visible_RLL.to(device), dtype),
+        use_cache=False,
+        logits_to_keep=pb.keep,
+    )
+
+
+def scatter_tokens(pb: PackedBatch, values_M: Tensor) -> Tensor:
+    """Per-token values in packed order -> [N, T], zero past each completion's end."""
+    out_NT = torch.zeros(pb.num_samples, pb.max_len, dtype=values_M.dtype, device=values_M.device)
+    return out_NT.index_put((pb.sample_M.to(values_M.device), pb.pos_M.to(values_M.device)), values_M)
+
+
 def packed_logprobs(model: torch.nn.Module, pb: PackedBatch, temperature: float = 1.0, compute_dtype: str = "fp32",
                     device=None) -> tuple[Tensor, Tensor]:
     """(logp_NT, entropy_NT) for the packed samples, zero past each completion's end."""
     device = device or pb.input_ids_RL.device
-    base = getattr(model, "module", model)  # DDP wrapper -> the model, for its config only
-    dtype = torch.bfloat16 if compute_dtype == "bf16" else torch.float32
     with autocast(compute_dtype, device):
-        out = model(
-            input_ids=pb.input_ids_RL.to(device),
-            position_ids=pb.position_ids_RL.to(device),
-            attention_mask=_attention_mask(base, pb.visible_RLL.to(device), dtype),
-            use_cache=False,
-            logits_to_keep=pb.keep,
-        )
-    logits_KV = out.logits.reshape(-1, out.logits.shape[-1])
+        logits = model(**model_inputs(model, pb, compute_dtype, device)).logits
+    logits_KV = logits.reshape(-1, logits.shape[-1])
     logp_M, ent_M = _IndexedLogProb.apply(logits_KV, pb.row_M.to(device), pb.target_M.to(device), temperature)
-    logp_NT = torch.zeros(pb.num_samples, pb.max_len, dtype=torch.float32, device=device)
-    ent_NT = torch.zeros_like(logp_NT)
-    index = (pb.sample_M.to(device), pb.pos_M.to(device))
-    logp_NT = logp_NT.index_put(index, logp_M)
-    ent_NT = ent_NT.index_put(index, ent_M.detach())
-    return logp_NT, ent_NT
+    return scatter_tokens(pb, logp_M), scatter_tokens(pb, ent_M.detach())
 
 
 def sample_logprobs(model: torch.nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, *,
