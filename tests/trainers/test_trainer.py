@@ -128,4 +128,4 @@ def test_resume_continues_exactly(tiny_cfg, yes_reward, tmp_path):
     pa, pb = params(straight.unwrapped), params(second.unwrapped)
     assert all(torch.allclose(pa[n], pb[n], atol=1e-5) for n in pa)
     latest = (tmp_path / "b" / "checkpoints" / "latest").read_text().strip()
-    assert latest == "step_000004" and load_file(tmp_path / "b" / "checkpoints" / latest / "trainable.safetensors")
+    assert latest == "step_000004" and load_file(tmp_path / "b" / "checkpoints" / latest / "policy.safetensors")
