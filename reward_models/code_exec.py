@@ -66,6 +66,7 @@ class SandboxResult:
     isolation: dict[str, str] = field(default_factory=dict)
     outputs: list[Any] = field(default_factory=list)  # what each test produced (value / stdout / error), for debugging
     error: str = ""  # why the program itself failed (raised while loading), if it did
+    pid: Optional[int] = None  # of the sandbox process, which led its own session
     stdout: str = ""
     stderr: str = ""
 
@@ -170,7 +171,7 @@ def run_program(code: str, tests: list[dict], limits: Limits = Limits()) -> Sand
             proc = subprocess.Popen([sys.executable, "-I", str(HARNESS)], stdin=subprocess.PIPE, stdout=out_f,
                                     stderr=err_f, pass_fds=(write_fd,), start_new_session=True, env=env, cwd=workdir)
         os.close(write_fd)
-        write_fd = -1
+        write_fd, result.pid = -1, proc.pid
         reader = threading.Thread(target=_drain, args=(read_fd, raw), daemon=True)
         reader.start()
         try:
