@@ -85,9 +85,9 @@ def test_resource_attacks_are_contained_and_score_0(name, audit_hook):
     t0 = time.time()
     res = run_program(code, parse_tests(HIDDEN), Limits(cpu_s=1, wall_s=4, memory_mb=512, audit_hook=audit_hook))
     assert res.score == 0.0, res
-    assert time.time() - t0 < FAST.wall_s + 3
+    assert time.time() - t0 < FAST.wall_s + 10, res  # bounded by the wall-clock limit (+ start-up on a busy machine)
     if name in ("infinite_loop", "fork_bomb"):
-        assert res.timed_out or res.returncode == -24  # SIGXCPU at the CPU limit, or killed at the wall limit
+        assert res.timed_out or res.returncode in (-24, -9), res  # SIGXCPU/SIGKILL at the CPU limit, or the wall limit
     assert res.pid and session_processes(res.pid) == []  # nothing it started survives it
     assert session_processes(os.getsid(0))  # (the check does see live sessions)
 
