@@ -3,6 +3,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +35,19 @@ def test_preemption_handler_sets_a_flag_and_restores_the_previous_handlers():
         time.sleep(0.05)
         assert p.requested(Accelerator(cpu=True)) and p.name == "SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_a_signal_to_one_process_stops_every_process():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(Path(__file__).with_name("preempt_ranks.py"))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0: before=False after=True signalled=False" in proc.stdout
+    assert "rank 1: before=False after=True signalled=True" in proc.stdout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
