@@ -24,7 +24,8 @@ class NonFiniteGradientError(RuntimeError):
 
 
 class Preemption:
-    """Install with `with Preemption() as stop:`; `stop.requested(acc)` at each step boundary."""
+    """`stop = Preemption().install()`; `stop.requested(acc)` at each step boundary; `stop.restore()` at the end
+    (or `with Preemption() as stop:`)."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -33,16 +34,23 @@ class Preemption:
     def _handler(self, signum, frame) -> None:
         self.signum = signum
 
-    def __enter__(self) -> "Preemption":
+    def install(self) -> "Preemption":
         with contextlib.suppress(ValueError):  # signal handlers can only be set in the main thread
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
+        """Put back the handlers that were there before `install`."""
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+
+    def __enter__(self) -> "Preemption":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
     def requested(self, accelerator) -> bool:
         """True on every process when any process was signalled."""

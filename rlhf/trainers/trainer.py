@@ -280,25 +280,26 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(redact(to_dict(cfg)), indent=1))
         progress = Progress(cfg.train.steps, cfg.log.progress and self.is_main, start=self.state["step"])
         history = []
-        with Preemption() as preemption:
-            try:
-                while self.state["step"] < cfg.train.steps:
-                    records = self.step()
-                    history += records
-                    progress.update(records[0])
-                    if not cfg.log.progress:
-                        self.log(console_line(records[0]))
-                    stop, every = preemption.requested(self.acc), cfg.checkpoint.every
-                    if stop or self.nonfinite.exceeded or (every and self.state["step"] % every == 0):
-                        self.save_checkpoint()
-                    if self.nonfinite.exceeded:
-                        raise self.nonfinite.error(self.state["step"])
-                    if stop:
-                        self.log(f"{preemption.name}: saved a checkpoint at step {self.state['step']}; exiting "
-                                 "(continue with checkpoint.resume=latest)")
-                        return history
-            finally:
-                progress.close()
+        preemption = Preemption().install()
+        try:
+            while self.state["step"] < cfg.train.steps:
+                records = self.step()
+                history += records
+                progress.update(records[0])
+                if not cfg.log.progress:
+                    self.log(console_line(records[0]))
+                stop, every = preemption.requested(self.acc), cfg.checkpoint.every
+                if stop or self.nonfinite.exceeded or (every and self.state["step"] % every == 0):
+                    self.save_checkpoint()
+                if self.nonfinite.exceeded:
+                    raise self.nonfinite.error(self.state["step"])
+                if stop:
+                    self.log(f"{preemption.name}: saved a checkpoint at step {self.state['step']}; exiting "
+                             "(continue with checkpoint.resume=latest)")
+                    return history
+        finally:
+            progress.close()
+            preemption.restore()
         if self._saved_step != self.state["step"]:
             self.save_checkpoint()
         if cfg.checkpoint.save_final:
