@@ -24,6 +24,7 @@ isolation layers the current machine allows.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import os
@@ -178,7 +179,8 @@ def run_program(code: str, tests: list[dict], limits: Limits = Limits()) -> Sand
             proc.communicate(json.dumps(job).encode(), timeout=limits.wall_s)
         except subprocess.TimeoutExpired:
             result.timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)  # the process is not reaped yet, so its group id is still ours
+            with contextlib.suppress(ProcessLookupError):  # not reaped yet, so the group id is still ours
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         except BrokenPipeError:  # died before reading its job
             proc.wait()

@@ -31,7 +31,7 @@ BLOCKED_EVENTS = {
     "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen", "pty.spawn",
     "os.kill", "os.killpg", "signal.pthread_kill", "os.symlink", "os.link", "os.setuid", "os.setgid",
     "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function", "ctypes.addressof", "ctypes.string_at",
-    "sys.remote_exec", "os.putenv", "os.unsetenv",
+    "sys.remote_exec",
 }
 PATH_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime",
                "os.listdir", "os.scandir", "os.chdir", "shutil.rmtree", "shutil.copyfile", "shutil.move"}

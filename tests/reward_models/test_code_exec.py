@@ -33,6 +33,13 @@ def test_scores_calls_asserts_and_stdin_stdout_cases():
     assert code_exec(completions=["no code here", chat, fenced(ADD)], tests=[HIDDEN, HIDDEN, []]) == [0.0, 1.0, None]
 
 
+def test_programs_can_use_the_standard_library_and_installed_packages():
+    code = ("import collections, functools, heapq, itertools, math, re, statistics\nimport numpy as np\n"
+            "def solve(xs):\n    return [int(np.sum(xs)), math.isqrt(sum(xs)), heapq.nlargest(1, xs)[0]]\n")
+    res = run_program(code, [{"call": "solve([4, 5, 7])", "expected": [16, 4, 7]}], FAST)
+    assert res.score == 1.0, res
+
+
 def test_comparison_is_by_value_and_type_not_by_the_programs_equality():
     sneaky = "class Any:\n    def __eq__(self, other):\n        return True\n\ndef add(a, b):\n    return Any()\n"
     assert run_program(sneaky, parse_tests(HIDDEN), FAST).score == 0.0  # not JSON: cannot claim equality
