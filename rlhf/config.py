@@ -107,6 +107,7 @@ class TrainConfig:
     prompts_per_step: int = opt(2, "prompts per RL step (all processes together)")
     samples_per_prompt: int = opt(8, "completions sampled per prompt (the group size G)")
     micro_batch_size: int = opt(8, "samples per forward/backward pass on one process")
+    pack_prompts: bool = opt(True, "training forwards compute each prompt once per group (shared-prompt packing)")
     updates_per_batch: int = opt(1, "passes over each batch (mu); >1 keeps old log-probs for the ratio")
     lr: float = opt(1e-5, "peak learning rate")
     lr_schedule: Literal["constant", "linear", "cosine"] = opt("constant", "decay after warmup")

@@ -117,3 +117,13 @@ def completion_logprobs(
     logits_NTV = out.logits[:, :-1]
     logp_NT, ent_NT = token_logprobs(logits_NTV, batch.completion_ids_NT, temperature)
     return logp_NT * batch.mask_NT, ent_NT.detach() * batch.mask_NT
+
+
+def sample_logprobs(model: torch.nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, *,
+                    temperature: float = 1.0, compute_dtype: str = "fp32", device=None, pack_prompts: bool = True) -> tuple[Tensor, Tensor]:
+    """(logp_NT, entropy_NT) of the completions, T = the longest one; packed (one prompt copy per group) or padded."""
+    if pack_prompts:
+        from rlhf.models.packing import pack, packed_logprobs
+
+        return packed_logprobs(model, pack(prompt_ids, completion_ids, pad_id), temperature, compute_dtype, device)
+    return completion_logprobs(model, collate(prompt_ids, completion_ids, pad_id, device), temperature, compute_dtype)

@@ -7,7 +7,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from rlhf.models.logprobs import TokenBatch, collate
 
 
 @dataclass
@@ -42,9 +41,6 @@ class Experience:
             else:
                 out[f.name] = v
         return replace(self, **out)
-
-    def tokens(self, pad_id: int, device) -> TokenBatch:
-        return collate(self.prompt_ids, self.completion_ids, pad_id, device)
 
 
 def completion_mask(completion_ids: list[list[int]]) -> Tensor:

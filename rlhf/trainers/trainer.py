@@ -25,9 +25,9 @@ from rlhf.algos import AdvantageInputs, LossNormalizer
 from rlhf.config import Config, ConfigError, to_dict
 from rlhf.data import PromptSource, load_prompt_dataset
 from rlhf.engine import ENGINES, SamplingParams
-from rlhf.logging import JsonlWriter, PhaseTimer, Progress, console_line
+from rlhf.logging import JsonlWriter, PhaseTimer, Progress
 from rlhf.models.loading import load_policy, load_reference, load_tokenizer
-from rlhf.models.logprobs import completion_logprobs
+from rlhf.models.logprobs import sample_logprobs
 from rlhf.redact import redact
 from rlhf.rewards import RewardModule
 from rlhf.trainers import checkpoint as ckpt
@@ -109,6 +109,13 @@ class Trainer:
         mbs = self.cfg.train.micro_batch_size
         return [rows[i: i + mbs] for i in range(0, len(rows), mbs)]
 
+    def _forward(self, model: torch.nn.Module, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logp_NT, entropy_NT) of `exp`'s completions under `model`."""
+        return sample_logprobs(
+            model, exp.prompt_ids, exp.completion_ids, self.tokenizer.pad_token_id, temperature=self.cfg.generation.temperature,
+            compute_dtype=self.cfg.model.compute_dtype, device=self.acc.device, pack_prompts=self.cfg.train.pack_prompts,
+        )
+
     @torch.no_grad()
     def _logprobs(self, exp: Experience, reference: bool) -> torch.Tensor:
         """Log-probs of every completion token under the policy (or the reference), micro-batched."""
@@ -119,9 +126,7 @@ class Trainer:
         model.eval()
         with ctx:
             for rows in self._chunks(list(range(len(exp)))):
-                mb = exp.select(rows)
-                lp, _ = completion_logprobs(model, mb.tokens(self.tokenizer.pad_token_id, self.acc.device),
-                                            self.cfg.generation.temperature, self.cfg.model.compute_dtype)
+                lp, _ = self._forward(model, exp.select(rows))
                 logp_NT[rows, : lp.shape[1]] = lp.float().cpu()
         self.unwrapped.train()
         return logp_NT
@@ -176,8 +181,7 @@ class Trainer:
                 mb = exp.select(chunk)
                 sync = acc.no_sync(self.model) if k < len(chunks) - 1 else contextlib.nullcontext()
                 with sync:
-                    tokens = mb.tokens(self.tokenizer.pad_token_id, acc.device)
-                    logp_NT, ent_NT = completion_logprobs(self.model, tokens, cfg.generation.temperature, cfg.model.compute_dtype)
+                    logp_NT, ent_NT = self._forward(self.model, mb)
                     dev = logp_NT.device
                     mask_NT, adv_NT = mb.mask_NT.to(dev), mb.adv_NT.to(dev)
                     old_NT = mb.old_logp_NT.to(dev) if mb.old_logp_NT is not None else logp_NT.detach()
@@ -285,9 +289,8 @@ class Trainer:
             while self.state["step"] < cfg.train.steps:
                 records = self.step()
                 history += records
-                progress.update(records[0])
-                if not cfg.log.progress:
-                    self.log(console_line(records[0]))
+                if self.is_main:
+                    progress.update(records[0])
                 stop, every = preemption.requested(self.acc), cfg.checkpoint.every
                 if stop or self.nonfinite.exceeded or (every and self.state["step"] % every == 0):
                     self.save_checkpoint()

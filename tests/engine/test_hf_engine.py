@@ -40,3 +40,21 @@ def test_greedy_is_deterministic(tiny_model_dir, tokenizer):
     a = engine.generate([[7, 8]], n=2, sampling=SamplingParams(max_new_tokens=5, greedy=True))
     b = engine.generate([[7, 8]], n=1, sampling=SamplingParams(max_new_tokens=5, greedy=True))
     assert a.completion_ids[0] == a.completion_ids[1] == b.completion_ids[0]
+
+
+def test_bf16_generation_copy_follows_the_policy(tiny_model_dir, tokenizer):
+    model = load_causal_lm(str(tiny_model_dir))
+    cfg = Config()
+    cfg.model.compute_dtype = "bf16"
+    engine = HFEngine(model, tokenizer, cfg)
+    assert engine.copy_weights and next(engine.model.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    name, p = next(iter(model.named_parameters()))
+    assert not torch.equal(dict(engine.model.named_parameters())[name].float(), p.to(torch.bfloat16).float())
+    engine.update_weights(model)
+    for name, p in model.named_parameters():
+        assert torch.equal(dict(engine.model.named_parameters())[name], p.to(torch.bfloat16)), name
+    out = engine.generate([[7, 8]], n=2, sampling=SamplingParams(max_new_tokens=4))
+    assert len(out) == 2

@@ -1,0 +1,155 @@
+"""Shared-prompt packing: the G completions of a prompt go through the model in ONE row with ONE copy of the prompt.
+
+Row layout (prompts left-padded so every prompt ends at column P):
+
+    [pad.. prompt | c_1 | c_2 | ... | c_k | pad..]
+
+A block attention mask lets each completion see the prompt and itself (causally), never
+another completion; position ids restart at the prompt length for every completion, so each
+completion gets exactly the positions and context it had when it was sampled. Forward and
+backward cost drops from G x (prompt + completion) tokens to prompt + G x completion tokens.
+The logit at the prompt's last position predicts the first token of every completion, so
+log-probs are gathered with an index (`packed_token_logprobs`), one logit row per target token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rlhf.models.precision import autocast
+
+CHUNK_ROWS = 1024
+
+
+@dataclass
+class PackedBatch:
+    input_ids_RL: Tensor
+    position_ids_RL: Tensor
+    visible_RLL: Tensor  # bool: query l may attend to key l'
+    keep: int  # logits are kept for the last `keep` columns (from the last prompt column on)
+    row_M: Tensor  # for each completion token m: its row in the flattened kept logits [R * keep]
+    target_M: Tensor  # the token id it predicts
+    sample_M: Tensor  # which sample (0..N-1) the token belongs to
+    pos_M: Tensor  # its index inside the sample's completion
+    num_samples: int
+    max_len: int  # T, the longest completion
+
+
+def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> PackedBatch:
+    """Group consecutive samples with identical prompts into one row each."""
+    rows: list[tuple[list[int], list[int]]] = []  # (prompt, sample indices)
+    for i, p in enumerate(prompt_ids):
+        if rows and rows[-1][0] == p:
+            rows[-1][1].append(i)
+        else:
+            rows.append((p, [i]))
+    P = max(len(p) for p, _ in rows)
+    widths = [sum(len(completion_ids[i]) for i in idx) for _, idx in rows]
+    L = P + max(widths)
+    R = len(rows)
+    ids = torch.full((R, L), pad_id, dtype=torch.long)
+    pos = torch.zeros((R, L), dtype=torch.long)
+    seg = torch.full((R, L), -2, dtype=torch.long)  # -1 prompt, i >= 0 completion i, -2 padding
+    row_M, target_M, sample_M, pos_M = [], [], [], []
+    keep = L - (P - 1)
+    for r, (p, idx) in enumerate(rows):
+        ids[r, P - len(p): P] = torch.tensor(p, dtype=torch.long)
+        pos[r, P - len(p): P] = torch.arange(len(p))
+        seg[r, P - len(p): P] = -1
+        start = P
+        for s, i in enumerate(idx):
+            c = completion_ids[i]
+            if not c:
+                continue
+            ids[r, start: start + len(c)] = torch.tensor(c, dtype=torch.long)
+            pos[r, start: start + len(c)] = len(p) + torch.arange(len(c))
+            seg[r, start: start + len(c)] = s
+            # token j is predicted by the logit at column start + j - 1 (the prompt's last column for j = 0)
+            cols = [P - 1] + list(range(start, start + len(c) - 1))
+            row_M += [r * keep + col - (P - 1) for col in cols]
+            target_M += c
+            sample_M += [i] * len(c)
+            pos_M += list(range(len(c)))
+            start += len(c)
+    q, k = seg.unsqueeze(2), seg.unsqueeze(1)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    visible = causal & ((k == -1) | (k == q))
+    visible |= torch.eye(L, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax)
+    as_t = lambda x: torch.tensor(x, dtype=torch.long)
+    return PackedBatch(ids, pos, visible, keep, as_t(row_M), as_t(target_M), as_t(sample_M), as_t(pos_M),
+                       len(prompt_ids), max((len(c) for c in completion_ids), default=1) or 1)
+
+
+class _IndexedLogProb(torch.autograd.Function):
+    """logp_m = x[row_m, tgt_m] - logsumexp(x[row_m]), x = logits / temperature, computed in fp32 chunks.
+
+    A logit row may serve several targets (the prompt's last column serves every completion).
+    Backward rebuilds softmax from the saved (bf16) logits and log-sum-exp: no fp32 [rows, V] is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_KV: Tensor, row_M: Tensor, target_M: Tensor, temperature: float):
+        used = torch.unique(row_M)
+        lse_K = torch.zeros(logits_KV.shape[0], dtype=torch.float32, device=logits_KV.device)
+        ent_K = torch.zeros_like(lse_K)
+        for i in range(0, len(used), CHUNK_ROWS):
+            r = used[i: i + CHUNK_ROWS]
+            x = logits_KV[r].float() / temperature
+            lse = torch.logsumexp(x, -1)
+            lse_K[r] = lse
+            ent_K[r] = lse - (torch.softmax(x, -1) * x).sum(-1)
+        logp_M = logits_KV[row_M, target_M].float() / temperature - lse_K[row_M]
+        ctx.save_for_backward(logits_KV, row_M, target_M, lse_K, used)
+        ctx.temperature = temperature
+        ent_M = ent_K[row_M]
+        ctx.mark_non_differentiable(ent_M)
+        return logp_M, ent_M
+
+    @staticmethod
+    def backward(ctx, grad_M: Tensor, _grad_ent):
+        logits_KV, row_M, target_M, lse_K, used = ctx.saved_tensors
+        t = ctx.temperature
+        g = grad_M.float()
+        coef_K = torch.zeros_like(lse_K).index_add_(0, row_M, g)  # d/dx of -lse, summed over targets
+        grad = torch.zeros_like(logits_KV)
+        for i in range(0, len(used), CHUNK_ROWS):
+            r = used[i: i + CHUNK_ROWS]
+            p = torch.exp(logits_KV[r].float() / t - lse_K[r].unsqueeze(-1))
+            grad[r] = (-p * coef_K[r].unsqueeze(-1) / t).to(grad.dtype)
+        grad.index_put_((row_M, target_M), (g / t).to(grad.dtype), accumulate=True)
+        return grad, None, None, None
+
+
+def _attention_mask(model: torch.nn.Module, visible_RLL: Tensor, dtype: torch.dtype) -> Tensor:
+    """4D mask in the form the model's attention implementation takes: bool for sdpa, additive otherwise."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+    mask = visible_RLL.unsqueeze(1)
+    if impl == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def packed_logprobs(model: torch.nn.Module, pb: PackedBatch, temperature: float = 1.0, compute_dtype: str = "fp32",
+                    device=None) -> tuple[Tensor, Tensor]:
+    """(logp_NT, entropy_NT) for the packed samples, zero past each completion's end."""
+    device = device or pb.input_ids_RL.device
+    base = getattr(model, "module", model)  # DDP wrapper -> the model, for its config only
+    dtype = torch.bfloat16 if compute_dtype == "bf16" else torch.float32
+    with autocast(compute_dtype, device):
+        out = model(
+            input_ids=pb.input_ids_RL.to(device),
+            position_ids=pb.position_ids_RL.to(device),
+            attention_mask=_attention_mask(base, pb.visible_RLL.to(device), dtype),
+            use_cache=False,
+            logits_to_keep=pb.keep,
+        )
+    logits_KV = out.logits.reshape(-1, out.logits.shape[-1])
+    logp_M, ent_M = _IndexedLogProb.apply(logits_KV, pb.row_M.to(device), pb.target_M.to(device), temperature)
+    logp_NT = torch.zeros(pb.num_samples, pb.max_len, dtype=torch.float32, device=device)
+    ent_NT = torch.zeros_like(logp_NT)
+    index = (pb.sample_M.to(device), pb.pos_M.to(device))
+    logp_NT = logp_NT.index_put(index, logp_M)
+    ent_NT = ent_NT.index_put(index, ent_M.detach())
+    return logp_NT, ent_NT
