@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlhf.redact import redact
+
 
 class PhaseTimer:
     """`with timer("generate"): ...` accumulates seconds per phase."""
@@ -33,7 +35,9 @@ def _jsonable(v: Any) -> Any:
 
 
 class JsonlWriter:
-    """Appends one JSON object per line and flushes, so a crash loses nothing already logged."""
+    """Appends one JSON object per line and flushes, so a crash loses nothing already logged.
+
+    Records pass through `rlhf.redact.redact`: no token, key or password reaches the file."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -41,7 +45,7 @@ class JsonlWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+            f.write(json.dumps(redact({k: _jsonable(v) for k, v in record.items()})) + "\n")
 
     def truncate_after(self, key: str, value: int) -> None:
         """Drop records with record[key] > value (used on resume, so no step is logged twice)."""
