@@ -80,7 +80,7 @@ class Progress:
         if self._bar is None:
             print(console_line(record), flush=True)
             return
-        self._bar.console.print(console_line(record))
+        self._bar.console.print(console_line(record), soft_wrap=True)
         kl = record.get("kl")
         info = f"reward {record['reward/mean']:.3f}" + (f"  kl {kl:.4f}" if kl is not None else "") + f"  {record['time/step_s']:.1f}s/step"
         self._bar.update(self._task, advance=1, info=info)
