@@ -241,6 +241,7 @@ class Trainer:
             "reward/std": float(scores[valid].std()) if valid.sum() > 1 else 0.0,
             "frac_zero_std": float((group_std == 0).float().mean()),
             "completion/len_mean": float(lens.mean()),
+            "tokens/total": self._reduce_sum(sum(len(p) + len(c) for p, c in zip(exp.prompt_ids, exp.completion_ids))),
             "completion/truncated_frac": float((~finished).float().mean()),
             "world_size": self.acc.num_processes, "skipped_steps": self.state["skipped_steps"], **self.prompts.stats,
         }
