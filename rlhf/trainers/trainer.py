@@ -147,8 +147,8 @@ class Trainer:
         mask_NT = completion_mask(rollouts.completion_ids)
         exp = Experience(rollouts.prompt_ids, rollouts.completion_ids, mask_NT, result.scores_N)
         with timer("logprob"):
-            reuse = cfg.train.updates_per_batch > 1 or cfg.algo.kl.placement == "in_reward"
-            if reuse:  # with one on-policy pass, old log-probs equal the current ones (detached)
+            # Old log-probs are otherwise taken from the first update pass, before any optimizer step.
+            if cfg.algo.kl.placement == "in_reward":
                 exp.old_logp_NT = self._logprobs(exp, reference=False)
             if cfg.algo.kl.coef > 0:
                 exp.ref_logp_NT = self._logprobs(exp, reference=True)
@@ -172,8 +172,11 @@ class Trainer:
             max_tokens=float(cfg.generation.max_new_tokens),
         )
         beta = cfg.algo.kl.coef if cfg.algo.kl.placement == "in_loss" else 0.0
+        capture_old = exp.old_logp_NT is None and cfg.train.updates_per_batch > 1
+        if capture_old:
+            exp.old_logp_NT = torch.zeros_like(exp.mask_NT)
         out = []
-        for _ in range(cfg.train.updates_per_batch):
+        for epoch in range(cfg.train.updates_per_batch):
             sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
             extra: dict[str, float] = {}
             chunks = self._chunks(rows)
@@ -184,7 +187,12 @@ class Trainer:
                     logp_NT, ent_NT = self._forward(self.model, mb)
                     dev = logp_NT.device
                     mask_NT, adv_NT = mb.mask_NT.to(dev), mb.adv_NT.to(dev)
-                    old_NT = mb.old_logp_NT.to(dev) if mb.old_logp_NT is not None else logp_NT.detach()
+                    if mb.old_logp_NT is None or (capture_old and epoch == 0):
+                        old_NT = logp_NT.detach()  # no optimizer step yet on this batch: pi_old = pi
+                        if capture_old:
+                            exp.old_logp_NT[chunk, : old_NT.shape[1]] = old_NT.float().cpu()
+                    else:
+                        old_NT = mb.old_logp_NT.to(dev)
                     loss_NT, stats = self.loss_fn(logp_NT, old_NT, adv_NT, mask_NT, cfg.algo)
                     if beta > 0:
                         kl_NT = self.kl_fn(logp_NT, mb.ref_logp_NT.to(dev))
