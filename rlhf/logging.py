@@ -1,12 +1,94 @@
-"""Run outputs: metrics.jsonl (one object per optimizer step), completions.jsonl, phase timers, progress bar."""
+"""Run outputs: metrics.jsonl (one object per optimizer step), completions.jsonl, phase timers, progress bar,
+and a console that shows each warning once."""
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+# Libraries whose warnings repeat at every step or every generate call; `quiet_repeated_warnings` dedupes them.
+NOISY_LOGGERS = ("transformers", "torch", "accelerate", "peft", "datasets")
+_warned: set[str] = set()
+
+
+class RlhfWarning(UserWarning):
+    """A warning from rlhf itself (shown once per key by `warn_once`)."""
+
+
+def warn_once(message: str, key: Optional[str] = None) -> bool:
+    """Warn with `message` the first time `key` (default: the message) is seen in this process.
+
+    Returns True when the warning was shown. Use a `key` when the message carries a
+    changing number (a step, a count), so the same condition still warns only once.
+    """
+    key = message if key is None else key
+    if key in _warned:
+        return False
+    _warned.add(key)
+    warnings.warn(message, RlhfWarning, stacklevel=2)
+    return True
+
+
+class _OnceFilter(logging.Filter):
+    """Lets each (logger, message template) through once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        key = (record.name, str(record.msg))
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+_once_filter = _OnceFilter()
+
+
+def quiet_repeated_warnings() -> None:
+    """Show every library warning once per message, not once per step (idempotent).
+
+    Python warnings from transformers, torch, accelerate, peft and datasets get the
+    'once' action (one print per message text, wherever it is raised), and their
+    loggers' handlers drop a WARNING/INFO record whose message template was already
+    shown. Errors always pass.
+    """
+    with contextlib.suppress(ImportError):  # makes transformers attach its handler now, so it gets the filter
+        import transformers
+
+        transformers.logging.get_verbosity()
+    for module in NOISY_LOGGERS:
+        warnings.filterwarnings("once", module=rf"{module}(\.|$)")
+    warnings.filterwarnings("once", category=RlhfWarning)
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        if _once_filter not in logger.filters:
+            logger.addFilter(_once_filter)
+        for handler in logger.handlers:
+            if _once_filter not in handler.filters:
+                handler.addFilter(_once_filter)
+
+
+def quiet_library_progress() -> None:
+    """Hide the per-file progress bars of transformers and datasets ("Loading weights", "Writing model
+    shards", "Map"): the command line shows its own progress bar and log lines instead."""
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        transformers.logging.disable_progress_bar()
+    with contextlib.suppress(ImportError):
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 class PhaseTimer:
@@ -52,6 +134,7 @@ class JsonlWriter:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Every JSON object of a jsonl file, in order (blank lines skipped)."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
@@ -76,7 +159,7 @@ class Progress:
         if self._bar is None:
             print(console_line(record), flush=True)
             return
-        self._bar.console.print(console_line(record))
+        self._bar.console.print(console_line(record), soft_wrap=True)  # one line, even on a narrow console
         kl = record.get("kl")
         info = f"reward {record['reward/mean']:.3f}" + (f"  kl {kl:.4f}" if kl is not None else "") + f"  {record['time/step_s']:.1f}s/step"
         self._bar.update(self._task, advance=1, info=info)
@@ -87,6 +170,7 @@ class Progress:
 
 
 def console_line(record: dict[str, Any]) -> str:
+    """The one log line of a step: reward, KL, loss, completion length and where the time went."""
     kl = record.get("kl")
     return (
         f"step {record['step']:>4}  reward {record['reward/mean']:.3f} ± {record['reward/std']:.3f}  "
