@@ -141,7 +141,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 class Progress:
     """A rich progress bar with reward, KL and step time (main process only; off when disabled)."""
 
-    def __init__(self, total: int, enabled: bool, start: int = 0):
+    def __init__(self, total: int, enabled: bool, start: int = 0, console: Any = None):
+        """`total` RL steps, `start` already done (resume); `console`: a rich Console (default: the terminal)."""
         self._bar = None
         if not enabled:
             return
@@ -149,7 +150,7 @@ class Progress:
 
         self._bar = RichProgress(
             TextColumn("[bold]rlhf"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
-            TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
         )
         self._task = self._bar.add_task("train", total=total, completed=start, info="")
         self._bar.start()
