@@ -81,3 +81,19 @@ def test_long_prompts_error_filter_or_truncate(tokenizer):
     assert len(f) == 1 and f.stats["prompts/filtered"] == 1
     t = PromptSource(ds, tokenizer, name="mem", max_prompt_tokens=6, on_long_prompt="truncate")
     assert len(t) == 2 and len(t.get([1]).prompt_ids[0]) == 6 and t.stats["prompts/truncated"] == 1
+
+
+def test_saved_dataset_dict_gives_its_eval_split(tmp_path):
+    import datasets
+
+    from rlhf.data import DataError, load_prompt_dataset
+
+    path = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"prompt": ["a", "b"]}),
+                          "test": datasets.Dataset.from_dict({"prompt": ["c"]})}).save_to_disk(str(path))
+    assert load_prompt_dataset(str(path), "train")["prompt"] == ["a", "b"]
+    assert load_prompt_dataset(str(path), "eval")["prompt"] == ["c"]
+    only_train = tmp_path / "only"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"prompt": ["a"]})}).save_to_disk(str(only_train))
+    with pytest.raises(DataError, match="no 'eval' / 'test' / 'validation' split"):
+        load_prompt_dataset(str(only_train), "eval")
