@@ -44,11 +44,13 @@ class _OnceFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:
             return True
-        key = (record.name, str(record.msg))
-        if key in self.seen:
-            return False
-        self.seen.add(key)
-        return True
+        decision = getattr(record, "_rlhf_once", None)  # decided once per record, so every handler agrees
+        if decision is None:
+            key = (record.name, str(record.msg))
+            decision = key not in self.seen
+            self.seen.add(key)
+            record._rlhf_once = decision
+        return decision
 
 
 _once_filter = _OnceFilter()
