@@ -104,7 +104,9 @@ def eval_main(argv: list[str]) -> dict:
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     from rlhf.evaluate import evaluate, summary_line
+    from rlhf.logging import quiet_library_progress
 
+    quiet_library_progress()
     target = run_dir / "final" if is_run else model
     try:
         result = evaluate(target, cfg)
@@ -127,8 +129,10 @@ def export_main(argv: list[str]) -> None:
     p.add_argument("--output", default=None, help="target directory (default: RUN_DIR/export/{merged,adapter,model})")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="cast the weights (default: as saved)")
     args = p.parse_args(argv)
+    from rlhf.logging import quiet_library_progress
     from rlhf.models.export import export_run
 
+    quiet_library_progress()
     try:
         print(export_run(args.run_dir, args.merge, args.checkpoint, args.output, args.dtype).resolve())
     except FileNotFoundError as e:
