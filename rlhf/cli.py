@@ -11,6 +11,7 @@ TRAIN_USAGE = "rlhf train CONFIG.yaml [key=value ...]   (keys below; nested keys
 
 
 def train_help() -> str:
+    """`rlhf train --help`: every config key with its type, default and help text."""
     lines = [TRAIN_USAGE, ""]
     for key, tp, default, help_text in describe():
         lines.append(f"  {key:<32} {tp:<14} default {default}")

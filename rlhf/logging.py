@@ -42,6 +42,7 @@ class _OnceFilter(logging.Filter):
         self.seen: set[tuple[str, str]] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """True the first time a (logger, template) is seen, for every handler of that record; errors always."""
         if record.levelno >= logging.ERROR:
             return True
         decision = getattr(record, "_rlhf_once", None)  # decided once per record, so every handler agrees
@@ -124,6 +125,7 @@ class JsonlWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append `record` as one JSON line (NaN/inf become null, tensors become numbers)."""
         with open(self.path, "a") as f:
             f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
 
@@ -168,6 +170,7 @@ class Progress:
         self._bar.update(self._task, advance=1, info=info)
 
     def close(self) -> None:
+        """Stop the bar (idempotent; a no-op when it is off)."""
         if self._bar is not None:
             self._bar.stop()
 

@@ -5,7 +5,7 @@
     trackers.start(config_dict, step)    # accelerator.init_trackers(...)
     trackers.log(records)                # accelerator.log(numeric metrics, step=opt_step)
     trackers.log_completions(rows, step) # completions/step_NNNNNN.parquet, a wandb table
-    trackers.finish()                    # accelerator.end_training()
+    trackers.finish()                    # every tracker's finish(); the process group stays
 
 Where each tracker writes: tensorboard to `<output_dir>/tensorboard/`, wandb to
 `<output_dir>/wandb/` (mode from `log.wandb_mode` or `$WANDB_MODE`), mlflow to
@@ -137,9 +137,15 @@ class Trackers:
             )
 
     def finish(self) -> None:
-        """Flush and close every tracker (`accelerator.end_training`); safe to call twice."""
+        """Flush and close every tracker; safe to call twice.
+
+        Not `accelerator.end_training()`: that also destroys the process group, which the
+        final checkpoint and model save still need in a multi-process run.
+        """
         if self.started:
-            self.acc.end_training()
+            for tracker in self.acc.trackers:
+                tracker.finish()  # main process only (accelerate decorates it)
+            self.acc.trackers = []
             self.started = False
 
 

@@ -76,3 +76,17 @@ def test_mlflow_local_store_has_metrics_and_params(tiny_cfg, monkeypatch):
     assert [(m.step, m.value) for m in history] == [(r["opt_step"], pytest.approx(r["reward/mean"])) for r in rows]
     assert run.data.params["train.samples_per_prompt"] == "4"
     assert run.info.run_name == "run"
+
+
+def test_closing_trackers_keeps_the_process_group(tiny_cfg, monkeypatch):
+    """accelerate's end_training() would destroy the process group before the final save of a multi-process run."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    calls = []
+    for cls in (AcceleratorState, PartialState):
+        monkeypatch.setattr(cls, "destroy_process_group", lambda self, *a, **k: calls.append(1))
+    trainer = Trainer(tiny_cfg("train.steps=1", "checkpoint.save_final=true"))
+    trainer.train()
+    assert calls == [] and trainer.acc.trackers == [] and (trainer.out / "final").is_dir()
+    event_files = list((trainer.out / "tensorboard").glob("events.out.tfevents.*"))
+    assert event_files and event_files[0].stat().st_size > 0  # flushed by finish()
