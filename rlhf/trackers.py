@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -79,6 +80,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)[^/\s@]+@", re.I)
+
+
+def without_url_credentials(flat: dict[str, Any]) -> dict[str, Any]:
+    """Drop `user:password@` from URL values (e.g. log.mlflow_tracking_uri) before a tracker records them."""
+    return {k: _URL_USERINFO.sub(r"\g<scheme>", v) if isinstance(v, str) else v for k, v in flat.items()}
+
+
 def numeric(record: dict[str, Any]) -> dict[str, float]:
     """The finite numbers of a metrics record (None, NaN and strings are left out; trackers reject them)."""
     out = {}
@@ -112,7 +121,7 @@ class Trackers:
             if uri.startswith("file:"):  # mlflow 3 refuses its file store unless asked; it is the offline option
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri(uri)
-        self.acc.init_trackers(self.cfg.log.project, config=flatten(config))
+        self.acc.init_trackers(self.cfg.log.project, config=without_url_credentials(flatten(config)))
         self.started = True
         if self.parquet_dir is not None and self.acc.is_main_process and self.parquet_dir.is_dir():
             for part in self.parquet_dir.glob("step_*.parquet"):

@@ -6,13 +6,19 @@ import pytest
 
 from rlhf.config import ConfigError
 from rlhf.logging import read_jsonl
-from rlhf.trackers import build_trackers, flatten, mlflow_uri, numeric, read_completions
+from rlhf.trackers import build_trackers, flatten, mlflow_uri, numeric, read_completions, without_url_credentials
 from rlhf.trainers import Trainer
 
 
 def test_flatten_and_numeric_keep_what_trackers_accept():
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None, "e": "x"}) == {"a.b": 1, "a.c": "[1, 2]", "d": "None", "e": "x"}
     assert numeric({"step": 3, "kl": None, "x": float("nan"), "y": 0.5, "ok": True, "s": "a"}) == {"step": 3, "y": 0.5}
+
+
+def test_url_credentials_never_reach_trackers():
+    flat = {"log.mlflow_tracking_uri": "https://alice:s3cr3t@mlflow.example.org/x", "a": 1, "b": "http://host/y"}
+    assert without_url_credentials(flat) == {"log.mlflow_tracking_uri": "https://mlflow.example.org/x", "a": 1,
+                                             "b": "http://host/y"}
 
 
 def test_unknown_or_missing_tracker_fails_naming_it(tiny_cfg, monkeypatch):
