@@ -93,3 +93,18 @@ def test_a_run_logs_one_line_per_step(tiny_cfg, capsys):
     Trainer(tiny_cfg(f"train.steps={steps}", "log.trackers=[]")).train()
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
     assert [int(ln.split()[1]) for ln in lines] == list(range(1, steps + 1))
+
+
+def test_a_run_warns_once_about_a_step_without_signal(tiny_cfg, tmp_path, monkeypatch):
+    from rlhf.trainers import Trainer
+
+    monkeypatch.setattr(rlog, "_warned", set())
+    (tmp_path / "flat.py").write_text("def flat(completions, **kw):\n    return [1.0] * len(completions)\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = Trainer(tiny_cfg("train.steps=3", "log.trackers=[]", "generation.max_new_tokens=2",
+                                   f"reward.functions=[{{fn: '{tmp_path}/flat.py:flat'}}]")).train()
+    assert all(r["frac_zero_std"] == 1.0 for r in records)
+    ours = [str(w.message) for w in caught if issubclass(w.category, RlhfWarning)]
+    assert sum("every advantage is 0" in m for m in ours) == 1 and ours[0].startswith("step 1:")
+    assert sum("cut at generation.max_new_tokens" in m for m in ours) <= 1

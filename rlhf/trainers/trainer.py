@@ -26,7 +26,7 @@ from rlhf.algos import AdvantageInputs, LossNormalizer
 from rlhf.config import Config, ConfigError, to_dict
 from rlhf.data import PromptSource, load_prompt_dataset
 from rlhf.engine import ENGINES, SamplingParams
-from rlhf.logging import JsonlWriter, PhaseTimer, Progress, quiet_repeated_warnings
+from rlhf.logging import JsonlWriter, PhaseTimer, Progress, quiet_repeated_warnings, warn_about_step
 from rlhf.models.loading import load_policy, load_reference, load_tokenizer
 from rlhf.models.logprobs import sample_logprobs
 from rlhf.rewards import RewardModule
@@ -261,6 +261,7 @@ class Trainer:
             for rec in records:
                 self.metrics.write(rec)
             self.trackers.log(records)
+            warn_about_step(records[0])
             self.trackers.log_completions(self._write_completions(exp, info), self.state["step"], records[-1]["opt_step"])
         return records
 
