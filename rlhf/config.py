@@ -147,10 +147,39 @@ class CheckpointConfig:
     merge_lora: bool = opt(False, "also save LoRA merged into the base weights")
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
 @dataclass
 class LogConfig:
-    completions_per_step: int = opt(4, "completions written to completions.jsonl per step")
-    progress: bool = opt(True, "show a progress bar")
+    completions_per_step: int = opt(4, "completions written to completions.jsonl per step (the first group's samples)")
+    completions_parquet: bool = opt(False, "also write each step's completions to completions/step_NNNNNN.parquet")
+    progress: bool = opt(True, "show a progress bar (ETA, live reward and KL) with one log line per step above it")
+    trackers: list[str] = opt(
+        ["tensorboard"], "experiment trackers through accelerate, any of tensorboard (<output_dir>/tensorboard), "
+        "wandb, mlflow ([] for none); wandb and mlflow need their package installed"
+    )
+    project: str = opt("rlhf", "wandb project / mlflow experiment name")
+    run_name: Optional[str] = opt(None, "run name shown by wandb and mlflow (default: the output_dir folder name)")
+    wandb_mode: Optional[Literal["online", "offline", "disabled"]] = opt(
+        None, "wandb mode (default: $WANDB_MODE, else wandb's own default); offline runs sync later with `wandb sync`"
+    )
+    mlflow_tracking_uri: Optional[str] = opt(
+        None, "mlflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local file store <output_dir>/mlruns)"
+    )
+    report: bool = opt(True, "`rlhf train` and recipe scripts end by writing <output_dir>/report.html (rlhf report)")
+
+
+@dataclass
+class EvalConfig:
+    k: int = opt(4, "pass@k: completions sampled per eval prompt at generation.temperature (0: greedy only)")
+    samples: int = opt(0, "samples per prompt for the unbiased pass@k estimate (0: k; more lowers its variance)")
+    threshold: float = opt(1.0, "a completion counts as correct when its combined reward >= threshold")
+    max_prompts: int = opt(0, "evaluate only the first N eval prompts (0: all)")
+    batch_size: int = opt(32, "eval prompts per generate call")
+    before_after: bool = opt(
+        True, "`rlhf train` and recipe scripts evaluate the policy on data.eval before and after training (eval.json)"
+    )
 
 
 @dataclass
@@ -163,7 +192,8 @@ class Config:
     train: TrainConfig = opt(TrainConfig(), "optimisation and batch sizes")
     reward: RewardConfig = opt(RewardConfig(), "reward functions")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpoints and resume")
-    log: LogConfig = opt(LogConfig(), "logging")
+    log: LogConfig = opt(LogConfig(), "logging, trackers and the report")
+    eval: EvalConfig = opt(EvalConfig(), "evaluation on data.eval (rlhf eval, and before/after training)")
 
     @property
     def samples_per_step(self) -> int:
@@ -206,6 +236,7 @@ class Config:
             raise ConfigError(f"algo.kl.coef must be >= 0, got {a.kl.coef}")
         if a.dual_clip is not None and a.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1, got {a.dual_clip}")
+        self._validate_log_and_eval()
         if not self.reward.functions:
             raise ConfigError("reward.functions is empty: give at least one reward function")
         for i, spec in enumerate(self.reward.functions):
@@ -230,6 +261,26 @@ class Config:
             ENGINES.get(g.engine)
         except ValueError as e:
             raise ConfigError(f"generation.engine: {e}") from None
+
+    def _validate_log_and_eval(self) -> None:
+        lg, ev = self.log, self.eval
+        if lg.completions_per_step < 0:
+            raise ConfigError(f"log.completions_per_step must be >= 0, got {lg.completions_per_step}")
+        import importlib.util
+
+        for name in lg.trackers:
+            if name not in TRACKERS:
+                raise ConfigError(f"log.trackers: unknown tracker '{name}'; choose from {', '.join(TRACKERS)}")
+            if importlib.util.find_spec(name) is None:  # the package names equal the tracker names
+                raise ConfigError(f"log.trackers includes '{name}' but the {name} package is not installed "
+                                  f"(pip install {name}, or remove it from log.trackers)")
+        for key in ("k", "samples", "max_prompts"):
+            if getattr(ev, key) < 0:
+                raise ConfigError(f"eval.{key} must be >= 0, got {getattr(ev, key)}")
+        if ev.samples and ev.samples < ev.k:
+            raise ConfigError(f"eval.samples={ev.samples} must be >= eval.k={ev.k} (or 0 for k)")
+        if ev.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be >= 1, got {ev.batch_size}")
 
     def derived_summary(self, world_size: int = 1) -> str:
         t = self.train

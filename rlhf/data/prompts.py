@@ -20,7 +20,11 @@ class DataError(ValueError):
 
 
 def load_prompt_dataset(spec: str, split: str = "train", task_args: dict | None = None, seed: int = 0) -> datasets.Dataset:
-    """A task name (its `split`), a jsonl/json/csv/parquet file, or a `save_to_disk` directory."""
+    """A task name (its `split`), a jsonl/json/csv/parquet file, or a `save_to_disk` directory.
+
+    From a saved DatasetDict, split 'train' reads its 'train' split; any other split (eval)
+    reads that split, else 'eval', 'test' or 'validation', whichever it has first.
+    """
     if spec in TASKS:
         return TASKS.get(spec)(split=split, seed=seed, **(task_args or {}))
     path = Path(spec).expanduser()
@@ -30,9 +34,12 @@ def load_prompt_dataset(spec: str, split: str = "train", task_args: dict | None 
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
-                if "train" not in ds:
-                    raise DataError(f"{path}: saved DatasetDict has no 'train' split (splits: {', '.join(ds)})")
-                ds = ds["train"]
+                names = ("train",) if split == "train" else (split, "eval", "test", "validation")
+                found = next((n for n in names if n in ds), None)
+                if found is None:
+                    raise DataError(f"{path}: saved DatasetDict has no {' / '.join(repr(n) for n in dict.fromkeys(names))} "
+                                    f"split (splits: {', '.join(ds)})")
+                ds = ds[found]
             return ds
         fmt = FORMATS.get(path.suffix.lower())
         if fmt is None:

@@ -25,7 +25,7 @@ from rlhf.algos import AdvantageInputs, LossNormalizer
 from rlhf.config import Config, ConfigError, to_dict
 from rlhf.data import PromptSource, load_prompt_dataset
 from rlhf.engine import ENGINES, SamplingParams
-from rlhf.logging import JsonlWriter, PhaseTimer, Progress
+from rlhf.logging import JsonlWriter, PhaseTimer, Progress, quiet_repeated_warnings, warn_about_step
 from rlhf.models.loading import load_policy, load_reference, load_tokenizer
 from rlhf.models.logprobs import sample_logprobs
 from rlhf.redact import redact
@@ -34,6 +34,7 @@ from rlhf.trainers import checkpoint as ckpt
 from rlhf.trainers.experience import Experience, completion_mask, pad_rows, score_at_last_token
 from rlhf.trainers.guards import NonFiniteGradients, Preemption
 from rlhf.trainers.optim import build_optimizer, build_scheduler
+from rlhf.trackers import Trackers, make_accelerator
 
 
 def check_algorithm(cfg: Config, has_critic: bool = False) -> None:
@@ -48,8 +49,9 @@ def check_algorithm(cfg: Config, has_critic: bool = False) -> None:
 class Trainer:
     def __init__(self, cfg: Config, accelerator: Optional[Accelerator] = None):
         self.cfg = cfg
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = accelerator or make_accelerator(cfg)  # an accelerator passed in brings its own trackers
         cfg.validate(self.acc.num_processes)
+        quiet_repeated_warnings()
         check_algorithm(cfg)
         set_seed(cfg.train.seed, device_specific=True)
         self.out = Path(cfg.output_dir)
@@ -91,6 +93,7 @@ class Trainer:
         self.metrics = JsonlWriter(self.out / "metrics.jsonl")
         self.completions = JsonlWriter(self.out / "completions.jsonl")
         self._saved_step: Optional[int] = None
+        self.trackers = Trackers(cfg, self.acc)
 
     # ------------------------------------------------------------------ helpers
 
@@ -270,18 +273,22 @@ class Trainer:
         if self.is_main:
             for rec in records:
                 self.metrics.write(rec)
-            self._write_completions(exp, info)
+            self.trackers.log(records)
+            warn_about_step(records[0])
+            self.trackers.log_completions(self._write_completions(exp, info), self.state["step"], records[-1]["opt_step"])
         return records
 
-    def _write_completions(self, exp: Experience, info: dict) -> None:
-        n = min(self.cfg.log.completions_per_step, len(exp))
-        for i in range(n):
+    def _write_completions(self, exp: Experience, info: dict) -> list[dict]:
+        rows = []
+        for i in range(min(self.cfg.log.completions_per_step, len(exp))):
             prompt = info["prompts"][i]
-            self.completions.write({
+            rows.append({
                 "step": self.state["step"], "prompt": prompt if isinstance(prompt, str) else json.dumps(prompt),
                 "completion": info["texts"][i], "reward": float(exp.scores_N[i]),
                 **{f"reward/{k}": v[i] for k, v in info["per_fn"].items()}, "advantage": float(exp.adv_NT[i, 0]),
             })
+            self.completions.write(rows[-1])
+        return rows
 
     # ------------------------------------------------------------------ the loop
 
@@ -291,6 +298,7 @@ class Trainer:
         self._maybe_resume()
         if self.is_main:  # tokens, keys and passwords never reach the saved config
             (self.out / "config.json").write_text(json.dumps(redact(to_dict(cfg)), indent=1))
+        self.trackers.start(redact(to_dict(cfg)), self.state["step"])
         progress = Progress(cfg.train.steps, cfg.log.progress and self.is_main, start=self.state["step"])
         history = []
         preemption = Preemption().install()
@@ -312,6 +320,7 @@ class Trainer:
         finally:
             progress.close()
             preemption.restore()
+            self.trackers.finish()
         if self._saved_step != self.state["step"]:
             self.save_checkpoint()
         if cfg.checkpoint.save_final:

@@ -119,3 +119,19 @@ def test_a_directory_without_a_dataset_is_a_clear_error(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(DataError, match="empty_dir: cannot read prompts"):
         load_prompt_dataset(str(tmp_path / "empty_dir"))
+
+
+def test_saved_dataset_dict_gives_its_eval_split(tmp_path):
+    import datasets
+
+    from rlhf.data import DataError, load_prompt_dataset
+
+    path = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"prompt": ["a", "b"]}),
+                          "test": datasets.Dataset.from_dict({"prompt": ["c"]})}).save_to_disk(str(path))
+    assert load_prompt_dataset(str(path), "train")["prompt"] == ["a", "b"]
+    assert load_prompt_dataset(str(path), "eval")["prompt"] == ["c"]
+    only_train = tmp_path / "only"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"prompt": ["a"]})}).save_to_disk(str(only_train))
+    with pytest.raises(DataError, match="no 'eval' / 'test' / 'validation' split"):
+        load_prompt_dataset(str(only_train), "eval")
