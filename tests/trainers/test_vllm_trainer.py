@@ -4,6 +4,7 @@ import math
 import pytest
 from conftest import requires_vllm
 
+from rlhf.engine import SamplingParams
 from rlhf.engine.sync_check import check_sync
 from rlhf.trainers import Trainer
 
@@ -12,13 +13,18 @@ PROMPTS = [[7, 8, 9], [10, 11], [12, 13, 14, 15]]
 
 
 def run_and_check(trainer: Trainer, steps: int) -> list[dict]:
-    """Train `steps` steps; after each weight sync the engine must match the trainer's model."""
-    records = []
+    """Train `steps` steps; after each weight sync the engine must match the trainer's model, which moved."""
+    records, dtype = [], trainer.cfg.model.compute_dtype
+    greedy = SamplingParams(max_new_tokens=10, greedy=True)
     try:
+        start = trainer.engine.generate(PROMPTS, 1, greedy, return_logps=True)
         for step in range(steps):
             records += trainer.step()
-            report = check_sync(trainer.engine, trainer.unwrapped, trainer.tokenizer, PROMPTS, 10, trainer.cfg.model.compute_dtype)
+            report = check_sync(trainer.engine, trainer.unwrapped, trainer.tokenizer, PROMPTS, 10, dtype)
             assert report.ok(), f"after step {step + 1}: {report}"
+        end = trainer.engine.generate(PROMPTS, 1, greedy, return_logps=True)
+        moved = max(abs(a - b) for x, y in zip(start.sampler_logps, end.sampler_logps) for a, b in zip(x, y))
+        assert end.completion_ids != start.completion_ids or moved > 1e-3  # the engine follows a policy that moved
     finally:
         trainer.engine.close()
     return records
