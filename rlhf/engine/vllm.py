@@ -44,6 +44,13 @@ def max_model_len(model: torch.nn.Module, cfg) -> int:
     return min(budget, limit) if limit else budget
 
 
+def _benign_reload_warning(record: logging.LogRecord) -> bool:
+    """Filter: drop "<layer>: Failed to load weights" at every sync for layers that have no weights of their
+    own in a checkpoint (rotary caches; a tied lm_head, refreshed by `refresh_tied_lm_head`)."""
+    return not (str(record.msg).endswith("Failed to load weights") and record.args
+                and record.args[0] in ("RotaryEmbedding", "ParallelLMHead"))
+
+
 @contextlib.contextmanager
 def _keep_torch_threads():
     """vLLM's worker sets torch to 1 thread and disables `torch.set_num_threads` for the whole
@@ -81,6 +88,7 @@ class VLLMEngine:
         # vLLM warms up a chat template it cannot render without its tokenizer (we pass token ids
         # and skip the tokenizer); that harmless failure is logged as a traceback: silence it.
         logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_benign_reload_warning)
         v = cfg.generation.vllm
         self.dtype = engine_dtype(cfg)
         self.eos = sorted(eos_ids(model, tokenizer))

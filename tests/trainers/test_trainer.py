@@ -129,3 +129,17 @@ def test_resume_continues_exactly(tiny_cfg, yes_reward, tmp_path):
     assert all(torch.allclose(pa[n], pb[n], atol=1e-5) for n in pa)
     latest = (tmp_path / "b" / "checkpoints" / "latest").read_text().strip()
     assert latest == "step_000004" and load_file(tmp_path / "b" / "checkpoints" / latest / "trainable.safetensors")
+
+
+@pytest.mark.parametrize("correction", ["token_truncate", "seq_mask"])
+def test_is_correction_uses_sampler_logps_and_logs_the_gap(tiny_cfg, yes_reward, correction):
+    """The HF engine samples from the policy itself: the gap is ~0 and every IS weight is ~1."""
+    records = Trainer(tiny_cfg(yes_reward, f"algo.is_correction={correction}", "train.steps=2")).train()
+    for r in records:
+        assert 0 <= r["engine/logp_gap_mean"] <= r["engine/logp_gap_max"] < 1e-3
+        assert r["is/ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_no_sampler_logps_without_correction_on_the_hf_engine(tiny_cfg, yes_reward):
+    record = Trainer(tiny_cfg(yes_reward, "train.steps=1")).train()[0]
+    assert "engine/logp_gap_mean" not in record  # the HF engine's log-probs are not free: not requested
