@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlhf.redact import redact
+
 
 class PhaseTimer:
     """`with timer("generate"): ...` accumulates seconds per phase."""
@@ -33,7 +35,9 @@ def _jsonable(v: Any) -> Any:
 
 
 class JsonlWriter:
-    """Appends one JSON object per line and flushes, so a crash loses nothing already logged."""
+    """Appends one JSON object per line and flushes, so a crash loses nothing already logged.
+
+    Records pass through `rlhf.redact.redact`: no token, key or password reaches the file."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -41,7 +45,7 @@ class JsonlWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+            f.write(json.dumps(redact({k: _jsonable(v) for k, v in record.items()})) + "\n")
 
     def truncate_after(self, key: str, value: int) -> None:
         """Drop records with record[key] > value (used on resume, so no step is logged twice)."""
@@ -76,7 +80,7 @@ class Progress:
         if self._bar is None:
             print(console_line(record), flush=True)
             return
-        self._bar.console.print(console_line(record))
+        self._bar.console.print(console_line(record), soft_wrap=True)
         kl = record.get("kl")
         info = f"reward {record['reward/mean']:.3f}" + (f"  kl {kl:.4f}" if kl is not None else "") + f"  {record['time/step_s']:.1f}s/step"
         self._bar.update(self._task, advance=1, info=info)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,9 +28,11 @@ from rlhf.engine import ENGINES, SamplingParams
 from rlhf.logging import JsonlWriter, PhaseTimer, Progress
 from rlhf.models.loading import load_policy, load_reference, load_tokenizer
 from rlhf.models.logprobs import sample_logprobs
+from rlhf.redact import redact
 from rlhf.rewards import RewardModule
 from rlhf.trainers import checkpoint as ckpt
 from rlhf.trainers.experience import Experience, completion_mask, pad_rows, score_at_last_token
+from rlhf.trainers.guards import NonFiniteGradients, Preemption
 from rlhf.trainers.optim import build_optimizer, build_scheduler
 
 
@@ -64,6 +65,8 @@ class Trainer:
             prompt_column=d.prompt_column, max_prompt_tokens=d.max_prompt_tokens, on_long_prompt=d.on_long_prompt,
             shuffle=d.shuffle, seed=cfg.train.seed,
         )
+        if self.prompts.stats["prompts/too_long"]:
+            self.log(f"data: {self.prompts.stats} (data.on_long_prompt={d.on_long_prompt})")
 
         policy = load_policy(cfg.model)
         self.ref = load_reference(cfg.model, policy, cfg.algo.kl.coef)
@@ -84,10 +87,13 @@ class Trainer:
         self.is_fn = algos.IS_CORRECTIONS.get(cfg.algo.is_correction)
         # sampler log-probs: needed by an IS correction, and free from engines that declare them (gap metric)
         self.want_sampler_logps = cfg.algo.is_correction != "none" or ENGINES.meta(g.engine).get("sampler_logps", False)
-        self.state = {"step": 0, "opt_step": 0, "skipped_steps": 0}
+        self.state = {"step": 0, "opt_step": 0}
+        self.nonfinite = NonFiniteGradients(self.state, cfg.train.max_skipped_steps)
+        # Everything a checkpoint saves and a resume restores; other trainers add theirs (critic, KL controller).
+        self.stateful = {"policy": self.unwrapped, "optimizer": self.optimizer, "scheduler": self.scheduler}
         self.metrics = JsonlWriter(self.out / "metrics.jsonl")
         self.completions = JsonlWriter(self.out / "completions.jsonl")
-        self._stop_requested = False
+        self._saved_step: Optional[int] = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -157,7 +163,7 @@ class Trainer:
         if cfg.algo.kl.coef > 0 and cfg.algo.kl.placement == "in_reward":
             kl_NT = self.kl_fn(exp.old_logp_NT, exp.ref_logp_NT) * mask_NT
             rewards_NT = rewards_NT - cfg.algo.kl.coef * kl_NT
-            kl_reward = float((kl_NT.sum() / mask_NT.sum()))
+            kl_reward = float((kl_NT.sum() / mask_NT.sum().clamp(min=1)))
         exp.adv_NT, exp.ret_NT = self.adv_fn(AdvantageInputs(rewards_NT, mask_NT, G, exp.values_NT), cfg.algo)
         info = {"texts": texts, "prompts": prompts_N, "per_fn": result.per_fn, "reward_stats": result.stats,
                 "finished": rollouts.finished, "kl_reward": kl_reward}
@@ -168,7 +174,7 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         rows = list(range(len(exp)))
         norm = LossNormalizer(
-            num_tokens=self._reduce_sum(exp.mask_NT.sum()), num_seqs=self._reduce_sum(len(exp)),
+            num_tokens=max(1.0, self._reduce_sum(exp.mask_NT.sum())), num_seqs=self._reduce_sum(len(exp)),
             max_tokens=float(cfg.generation.max_new_tokens),
         )
         beta = cfg.algo.kl.coef if cfg.algo.kl.placement == "in_loss" else 0.0
@@ -224,11 +230,9 @@ class Trainer:
         max_norm = self.cfg.train.max_grad_norm
         grad_norm = self.acc.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         grad_norm = float(grad_norm)
-        if torch.isfinite(torch.tensor(grad_norm)):
+        if self.nonfinite.record(grad_norm):  # a NaN/inf gradient never reaches the weights
             self.optimizer.step()
             self.scheduler.step()
-        else:  # never let a NaN/inf gradient reach the weights
-            self.state["skipped_steps"] += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.state["opt_step"] += 1
         return grad_norm
@@ -255,13 +259,14 @@ class Trainer:
             "reward/std": float(scores[valid].std()) if valid.sum() > 1 else 0.0,
             "frac_zero_std": float((group_std == 0).float().mean()),
             "completion/len_mean": float(lens.mean()),
+            "tokens/total": self._reduce_sum(sum(len(p) + len(c) for p, c in zip(exp.prompt_ids, exp.completion_ids))),
             "completion/truncated_frac": float((~finished).float().mean()),
-            "world_size": self.acc.num_processes,
+            "world_size": self.acc.num_processes, "skipped_steps": self.state["skipped_steps"], **self.prompts.stats,
         }
         for name, values in info["per_fn"].items():
             v = self.acc.gather(torch.tensor([float("nan") if x is None else x for x in values], device=self.acc.device))
             batch_metrics[f"reward/{name}/mean"] = float(v[torch.isfinite(v)].mean()) if torch.isfinite(v).any() else None
-        batch_metrics.update({k: self._reduce_sum(v) for k, v in info["reward_stats"].items() if k.endswith(("unscored", "errors"))})
+        batch_metrics.update({k: self._reduce_sum(v) for k, v in info["reward_stats"].items() if k.endswith(("unscored", "errors", "timeouts"))})
         if info["kl_reward"] is not None:
             batch_metrics["kl_in_reward"] = info["kl_reward"]
         # The first record of a step carries the step's timings; later ones (updates_per_batch > 1) carry 0.
@@ -294,38 +299,34 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self._maybe_resume()
-        if self.is_main:
-            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-        self._install_signal_handlers()
+        if self.is_main:  # tokens, keys and passwords never reach the saved config
+            (self.out / "config.json").write_text(json.dumps(redact(to_dict(cfg)), indent=1))
         progress = Progress(cfg.train.steps, cfg.log.progress and self.is_main, start=self.state["step"])
         history = []
+        preemption = Preemption().install()
         try:
             while self.state["step"] < cfg.train.steps:
                 records = self.step()
                 history += records
                 if self.is_main:
                     progress.update(records[0])
-                every = cfg.checkpoint.every
-                if self._stop_requested or (every and self.state["step"] % every == 0):
+                stop, every = preemption.requested(self.acc), cfg.checkpoint.every
+                if stop or self.nonfinite.exceeded or (every and self.state["step"] % every == 0):
                     self.save_checkpoint()
-                if self._stop_requested:
-                    self.log(f"stop requested: saved a checkpoint at step {self.state['step']} and exiting")
+                if self.nonfinite.exceeded:
+                    raise self.nonfinite.error(self.state["step"])
+                if stop:
+                    self.log(f"{preemption.name}: saved a checkpoint at step {self.state['step']}; exiting "
+                             "(continue with checkpoint.resume=latest)")
                     return history
         finally:
             progress.close()
-        if cfg.checkpoint.every == 0 or self.state["step"] % cfg.checkpoint.every:
+            preemption.restore()
+        if self._saved_step != self.state["step"]:
             self.save_checkpoint()
         if cfg.checkpoint.save_final:
             self.save_final()
         return history
-
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum, frame):
-            self._stop_requested = True
-
-        with contextlib.suppress(ValueError):  # only possible in the main thread
-            signal.signal(signal.SIGTERM, request_stop)
-            signal.signal(signal.SIGUSR1, request_stop)
 
     def save_checkpoint(self) -> None:
         root = self.out / "checkpoints"
@@ -334,8 +335,9 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.is_main:
             state = {**self.state, "data": self.prompts.state()}
-            ckpt.commit(root, step, self.unwrapped, self.optimizer, self.scheduler, state, self.cfg.checkpoint.keep_last)
+            ckpt.commit(root, step, self.stateful, state, self.cfg.checkpoint.keep_last)
         self.acc.wait_for_everyone()
+        self._saved_step = step
 
     def _maybe_resume(self) -> None:
         resume = self.cfg.checkpoint.resume
@@ -345,9 +347,10 @@ class Trainer:
         if path is None:
             self.log("checkpoint.resume=latest: no checkpoint found, starting fresh")
             return
-        state = ckpt.load(path, self.unwrapped, self.optimizer, self.scheduler, self.acc.process_index)
+        state = ckpt.load(path, self.stateful, self.acc.process_index)
         self.prompts.load_state(state.pop("data"))
         self.state.update(state)
+        self._saved_step = self.state["step"]
         self.engine.update_weights(self.unwrapped)
         if self.is_main:  # forget steps logged after the checkpoint, so none is logged twice
             self.metrics.truncate_after("step", self.state["step"])

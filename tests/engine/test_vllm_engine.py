@@ -3,13 +3,13 @@ import math
 
 import pytest
 import torch
-from conftest import requires_vllm
+from tests.conftest import requires_vllm
 
 from rlhf.config import load_config
 from rlhf.engine import ENGINES, SamplingParams
 from rlhf.engine.sync_check import check_sync
 from rlhf.models.loading import load_causal_lm, load_tokenizer
-from rlhf.models.logprobs import collate, completion_logprobs
+from rlhf.models.logprobs import sample_logprobs
 
 pytestmark = [pytest.mark.slow, requires_vllm]
 PROMPTS = [[7, 8, 9], [10, 11], [12, 13, 14, 15], [20, 8]]
@@ -49,7 +49,7 @@ def test_generate_groups_eos_and_sampler_logps(setup):
     assert any(out.finished) and not all(out.finished)  # both endings occur, so both are checked
     # the sampler's log-probs are the trainer's at the same temperature (fp32 on both sides)
     with torch.no_grad():
-        logp_NT, _ = completion_logprobs(model.eval(), collate(out.prompt_ids, out.completion_ids, tokenizer.pad_token_id), 0.9)
+        logp_NT, _ = sample_logprobs(model.eval(), out.prompt_ids, out.completion_ids, tokenizer.pad_token_id, temperature=0.9)
     for i, comp in enumerate(out.completion_ids):
         assert torch.allclose(torch.tensor(out.sampler_logps[i]), logp_NT[i, : len(comp)], atol=1e-3)
 
@@ -90,7 +90,7 @@ def test_tied_embedding_change_reaches_the_output_layer(setup):
 
 
 def test_wrong_weights_fail_the_check(setup, tmp_path):
-    from conftest import VLLM_TINY, build_tiny_model
+    from tests.conftest import VLLM_TINY, build_tiny_model
 
     engine, model, tokenizer = setup
     other = load_causal_lm(str(build_tiny_model(tmp_path / "other", seed=123, **VLLM_TINY)))
@@ -102,7 +102,7 @@ def test_wrong_weights_fail_the_check(setup, tmp_path):
 
 
 def test_lora_merged_weights_match_the_adapter_model(setup, tiny_vllm_model_dir):
-    from test_weights import lora_model
+    from tests.engine.test_weights import lora_model
 
     engine, _, tokenizer = setup
     peft_model = lora_model(tiny_vllm_model_dir)

@@ -27,7 +27,7 @@ def test_full_weights_are_the_checkpoint_names_with_the_tied_head_once(tiny_mode
 
 
 def test_untied_head_is_pushed(tmp_path):
-    from conftest import build_tiny_model
+    from tests.conftest import build_tiny_model
 
     model = load_causal_lm(str(build_tiny_model(tmp_path / "untied", tie_word_embeddings=False)))
     names = [n for n, _ in hf_weights(model)]

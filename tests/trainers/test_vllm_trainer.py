@@ -2,7 +2,7 @@
 import math
 
 import pytest
-from conftest import requires_vllm
+from tests.conftest import requires_vllm
 
 from rlhf.engine import SamplingParams
 from rlhf.engine.sync_check import check_sync
