@@ -98,7 +98,6 @@ class VLLMEngine:
             {"gpu_memory_utilization": v.gpu_memory_utilization, "enable_sleep_mode": self.sleep_mode}
             if self.on_gpu else {"kv_cache_memory_bytes": int(v.kv_cache_gb * GiB)}
         )
-        start = time.perf_counter()
         with _keep_torch_threads():
             self.llm = LLM(
                 model=str(resolve_model_path(cfg.model.path)),
@@ -113,7 +112,6 @@ class VLLMEngine:
                 trust_remote_code=cfg.model.trust_remote_code,
                 **memory,
             )
-        self.startup_s = time.perf_counter() - start
         self.asleep = False
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, return_logps: bool = False) -> Rollouts:
