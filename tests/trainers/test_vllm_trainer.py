@@ -31,8 +31,8 @@ def run_and_check(trainer: Trainer, steps: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_engine_follows_training_and_logs_the_gap(tiny_cfg, tiny_vllm_model_dir, lora):
-    cfg = tiny_cfg(f"model.path={tiny_vllm_model_dir}", "generation.engine=vllm", "generation.vllm.kv_cache_gb=0.25",
+def test_engine_follows_training_and_logs_the_gap(tiny_cfg, tiny_vllm_model_dir, yes_reward, lora):
+    cfg = tiny_cfg(f"model.path={tiny_vllm_model_dir}", yes_reward, "generation.engine=vllm", "generation.vllm.kv_cache_gb=0.25",
                    f"model.lora.enabled={str(lora).lower()}", "model.lora.r=4", "train.lr=3e-2",
                    "algo.is_correction=token_truncate", "algo.kl.coef=0")
     records = run_and_check(Trainer(cfg), steps=2)
@@ -43,10 +43,11 @@ def test_engine_follows_training_and_logs_the_gap(tiny_cfg, tiny_vllm_model_dir,
         assert r["time/sync_s"] > 0
 
 
-def test_updates_per_batch_two_uses_the_stored_old_logps(tiny_cfg, tiny_vllm_model_dir):
-    cfg = tiny_cfg(f"model.path={tiny_vllm_model_dir}", "generation.engine=vllm", "generation.vllm.kv_cache_gb=0.25",
-                   "train.updates_per_batch=2", "algo.is_correction=token_mask", "algo.kl.coef=0")
-    records = run_and_check(Trainer(cfg), steps=1)
-    assert len(records) == 2  # one record per optimizer step, both carrying the batch's gap
-    assert records[0]["engine/logp_gap_mean"] == records[1]["engine/logp_gap_mean"] < 0.01
-    assert records[0]["is/masked_frac"] == 0.0
+def test_updates_per_batch_two_uses_the_stored_old_logps(tiny_cfg, tiny_vllm_model_dir, yes_reward):
+    cfg = tiny_cfg(f"model.path={tiny_vllm_model_dir}", yes_reward, "generation.engine=vllm", "generation.vllm.kv_cache_gb=0.25",
+                   "train.updates_per_batch=2", "train.lr=3e-2", "algo.is_correction=token_mask", "algo.kl.coef=0")
+    records = run_and_check(Trainer(cfg), steps=2)
+    assert len(records) == 4  # one record per optimizer step, each pair carrying its batch's gap
+    for first, second in (records[:2], records[2:]):
+        assert first["engine/logp_gap_mean"] == second["engine/logp_gap_mean"] < 0.01
+        assert first["is/masked_frac"] == 0.0
