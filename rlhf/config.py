@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,12 +72,22 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "vLLM weight/compute dtype (auto: model.compute_dtype)")
+    kv_cache_gb: float = opt(1.0, "CPU: KV cache size in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = opt(0.3, "GPU: fraction of GPU memory vLLM takes (weights + KV cache); training uses the rest")
+    sleep: bool = opt(True, "GPU: free vLLM's weights and KV cache between generation and the next weight sync")
+    enforce_eager: bool = opt(True, "run eagerly (on CPU, compiled mode took ~70 s to start and was no faster; on GPU false enables CUDA graphs)")
+
+
+@dataclass
 class GenerationConfig:
-    engine: str = opt("hf", "generation engine: hf (transformers) or vllm")
+    engine: str = opt("hf", "generation engine: hf (transformers) or vllm (pip install 'rlhf[vllm]', see the Makefile)")
     max_new_tokens: int = opt(32, "maximum completion length in tokens")
     temperature: float = opt(1.0, "sampling temperature")
     top_p: float = opt(1.0, "nucleus sampling mass")
     top_k: int = opt(0, "top-k sampling (0: off)")
+    vllm: VLLMConfig = opt(VLLMConfig(), "settings of the vllm engine")
 
 
 @dataclass
@@ -98,6 +109,11 @@ class AlgoConfig:
     gamma: float = opt(1.0, "discount factor for per-token returns")
     lam: float = opt(1.0, "GAE lambda")
     n_step: int = opt(3, "n for nstep_td")
+    is_correction: str = opt(
+        "none", "importance-sampling correction for the sampler/trainer mismatch (rlhf.algos.IS_CORRECTIONS): "
+        "none, token_truncate, token_mask or seq_mask"
+    )
+    is_cap: float = opt(2.0, "cap C on the ratio pi_old/pi_sampler for is_correction (> 1)")
     kl: KLConfig = opt(KLConfig(), "KL penalty to the reference policy")
 
 
@@ -231,12 +247,20 @@ class Config:
             raise ConfigError(f"generation.temperature must be > 0, got {g.temperature}")
         if not 0 < g.top_p <= 1:
             raise ConfigError(f"generation.top_p must be in (0, 1], got {g.top_p}")
+        if g.top_k < 0:
+            raise ConfigError(f"generation.top_k must be >= 0 (0: off), got {g.top_k}")
+        if g.vllm.kv_cache_gb <= 0:
+            raise ConfigError(f"generation.vllm.kv_cache_gb must be > 0, got {g.vllm.kv_cache_gb}")
+        if not 0 < g.vllm.gpu_memory_utilization < 1:
+            raise ConfigError(f"generation.vllm.gpu_memory_utilization must be in (0, 1), got {g.vllm.gpu_memory_utilization}")
         a = self.algo
         if a.kl.coef < 0:
             raise ConfigError(f"algo.kl.coef must be >= 0, got {a.kl.coef}")
         if a.dual_clip is not None and a.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1, got {a.dual_clip}")
         self._validate_log_and_eval()
+        if a.is_cap <= 1:
+            raise ConfigError(f"algo.is_cap must be > 1, got {a.is_cap}")
         if not self.reward.functions:
             raise ConfigError("reward.functions is empty: give at least one reward function")
         for i, spec in enumerate(self.reward.functions):
@@ -249,6 +273,7 @@ class Config:
             ("algo.policy_loss", algos.POLICY_LOSSES),
             ("algo.loss_agg", algos.LOSS_AGGREGATIONS),
             ("algo.kl.estimator", algos.KL_ESTIMATORS),
+            ("algo.is_correction", algos.IS_CORRECTIONS),
         ):
             name = _get(self, key)
             try:
@@ -261,6 +286,17 @@ class Config:
             ENGINES.get(g.engine)
         except ValueError as e:
             raise ConfigError(f"generation.engine: {e}") from None
+        meta = ENGINES.meta(g.engine)
+        if meta.get("requires") and importlib.util.find_spec(meta["requires"]) is None:
+            raise ConfigError(
+                f"generation.engine={g.engine} needs the '{meta['requires']}' package, which is not installed "
+                f"(pip install 'rlhf[{meta['requires']}]'; on a CPU machine `make setup` installs its CPU build)"
+            )
+        if meta.get("max_processes") and world_size > meta["max_processes"]:
+            raise ConfigError(
+                f"generation.engine={g.engine} supports at most {meta['max_processes']} process(es), got {world_size} "
+                "(use generation.engine=hf for multi-process runs)"
+            )
 
     def _validate_log_and_eval(self) -> None:
         lg, ev = self.log, self.eval

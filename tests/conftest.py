@@ -34,16 +34,17 @@ def build_tokenizer():
     return fast
 
 
-def build_tiny_model(path: Path, seed: int = 0) -> Path:
+def build_tiny_model(path: Path, seed: int = 0, **config) -> Path:
+    """A random Llama (2 layers, hidden 32) saved with the word-level tokenizer; `config` overrides LlamaConfig keys."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=True,
-    )
+    cfg = LlamaConfig(**{
+        "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "tie_word_embeddings": True, **config,
+    })
     model = LlamaForCausalLM(cfg)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -135,3 +136,23 @@ def lora_run(tiny_model_dir, tmp_path_factory):
     trainer = Trainer(cfg)
     run(cfg, trainer)
     return root / "run", trainer
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+# In CI (CI=true) a missing vLLM is a failure, not a skip: `make test` installs it on CPU machines.
+requires_vllm = pytest.mark.skipif(
+    not vllm_available() and not os.environ.get("CI"), reason="vllm not installed (make setup installs the CPU build)"
+)
+
+# vLLM's CPU attention needs head_dim >= 32: the tiny model with 2 heads of 32 (hidden 64).
+VLLM_TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-vllm"), **VLLM_TINY)

@@ -86,6 +86,9 @@ class Trainer:
         self.loss_fn = algos.POLICY_LOSSES.get(cfg.algo.policy_loss)
         self.agg_fn = algos.LOSS_AGGREGATIONS.get(cfg.algo.loss_agg)
         self.kl_fn = algos.KL_ESTIMATORS.get(cfg.algo.kl.estimator)
+        self.is_fn = algos.IS_CORRECTIONS.get(cfg.algo.is_correction)
+        # sampler log-probs: needed by an IS correction, and free from engines that declare them (gap metric)
+        self.want_sampler_logps = cfg.algo.is_correction != "none" or ENGINES.meta(g.engine).get("sampler_logps", False)
         self.state = {"step": 0, "opt_step": 0}
         self.nonfinite = NonFiniteGradients(self.state, cfg.train.max_skipped_steps)
         # Everything a checkpoint saves and a resume restores; other trainers add theirs (critic, KL controller).
@@ -140,7 +143,8 @@ class Trainer:
         cfg, G = self.cfg, self.cfg.train.samples_per_prompt
         with timer("generate"):
             batch = self.prompts.batch(cfg.train.prompts_per_step, self.acc.process_index, self.acc.num_processes)
-            rollouts = self.engine.generate(batch.prompt_ids, G, self.sampling)
+            rollouts = self.engine.generate(batch.prompt_ids, G, self.sampling, return_logps=self.want_sampler_logps)
+            self.engine.sleep()  # frees the GPU for training where the engine supports it
         with timer("reward"):
             texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
             prompts_N = [p for p in batch.prompts for _ in range(G)]
@@ -149,6 +153,8 @@ class Trainer:
             result = self.rewards(prompts_N, completions, rollouts.completion_ids, columns)
         mask_NT = completion_mask(rollouts.completion_ids)
         exp = Experience(rollouts.prompt_ids, rollouts.completion_ids, mask_NT, result.scores_N)
+        if rollouts.sampler_logps is not None:
+            exp.sampler_logp_NT = pad_rows(rollouts.sampler_logps, mask_NT.shape[1])
         with timer("logprob"):
             # Old log-probs are otherwise taken from the first update pass, before any optimizer step.
             if cfg.algo.kl.placement == "in_reward":
@@ -179,6 +185,7 @@ class Trainer:
         if capture_old:
             exp.old_logp_NT = torch.zeros_like(exp.mask_NT)
         out = []
+        gap_sum, gap_max = 0.0, 0.0  # sampler vs trainer log-probs, from the first pass (pre-update weights)
         for epoch in range(cfg.train.updates_per_batch):
             sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
             extra: dict[str, float] = {}
@@ -197,6 +204,13 @@ class Trainer:
                     else:
                         old_NT = mb.old_logp_NT.to(dev)
                     loss_NT, stats = self.loss_fn(logp_NT, old_NT, adv_NT, mask_NT, cfg.algo)
+                    if mb.sampler_logp_NT is not None:
+                        sampler_NT = mb.sampler_logp_NT.to(dev)
+                        weight_NT, is_stats = self.is_fn(old_NT, sampler_NT, mask_NT, cfg.algo.is_cap)
+                        loss_NT, stats = loss_NT * weight_NT, {**stats, **is_stats}
+                        if epoch == 0:
+                            g_sum, g_max = algos.logp_gap(old_NT, sampler_NT, mask_NT)
+                            gap_sum, gap_max = gap_sum + float(g_sum), max(gap_max, float(g_max))
                     if beta > 0:
                         kl_NT = self.kl_fn(logp_NT, mb.ref_logp_NT.to(dev))
                         loss_NT = loss_NT + beta * kl_NT
@@ -216,6 +230,9 @@ class Trainer:
             record["kl"] = self._reduce_sum(sums["kl"]) / norm.num_tokens if beta > 0 else None
             for key, v in extra.items():
                 record[key] = self._reduce_sum(v) / norm.num_tokens
+            if exp.sampler_logp_NT is not None:
+                record["engine/logp_gap_mean"] = self._reduce_sum(gap_sum) / norm.num_tokens
+                record["engine/logp_gap_max"] = float(self.acc.gather(torch.tensor([gap_max], device=acc.device)).max())
             out.append(record)
         return out
 
@@ -239,6 +256,7 @@ class Trainer:
         with timer("train"):
             updates = self.update(exp)
         with timer("sync"):
+            self.engine.wake()
             self.engine.update_weights(self.unwrapped)
         self.state["step"] += 1
 

@@ -101,3 +101,17 @@ def test_old_logprobs_are_taken_from_the_first_pass(tiny_cfg, yes_reward):
     records = trainer.update(exp)
     assert torch.allclose(exp.old_logp_NT, explicit, atol=1e-5)
     assert records[0]["clipfrac"] == 0.0 and len(records) == 3  # pass 1 is exactly on-policy
+
+
+@pytest.mark.parametrize("correction", ["token_truncate", "seq_mask"])
+def test_is_correction_uses_sampler_logps_and_logs_the_gap(tiny_cfg, yes_reward, correction):
+    """The HF engine samples from the policy itself: the gap is ~0 and every IS weight is ~1."""
+    records = Trainer(tiny_cfg(yes_reward, f"algo.is_correction={correction}", "train.steps=2")).train()
+    for r in records:
+        assert 0 <= r["engine/logp_gap_mean"] <= r["engine/logp_gap_max"] < 1e-3
+        assert r["is/ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_no_sampler_logps_without_correction_on_the_hf_engine(tiny_cfg, yes_reward):
+    record = Trainer(tiny_cfg(yes_reward, "train.steps=1")).train()[0]
+    assert "engine/logp_gap_mean" not in record  # the HF engine's log-probs are not free: not requested

@@ -148,6 +148,12 @@ class NoTokensEngine:
     def update_weights(self, model):
         pass
 
+    def sleep(self):  # the trainer calls the protocol's sleep()/wake() around training
+        pass
+
+    def wake(self):
+        pass
+
 
 ENGINES.register("test_no_tokens")(NoTokensEngine)
 
