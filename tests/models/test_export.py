@@ -1,5 +1,4 @@
 """`rlhf export`: merged model dirs load with transformers, adapter dirs with peft, checkpoints export too."""
-import importlib.util
 import json
 
 import pytest
@@ -9,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from rlhf.cli import main
 from rlhf.models.export import export_run, load_run_model
+from tests.conftest import requires_vllm
 
 
 def logits(model, ids):
@@ -97,12 +97,17 @@ def test_export_errors_name_the_missing_piece(tiny_cfg, tmp_path):
         main(["export", str(trainer.out)])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
-def test_merged_export_loads_in_vllm(lora_run, tmp_path, monkeypatch):
+@requires_vllm
+def test_merged_export_loads_in_vllm(tiny_vllm_model_dir, tiny_cfg, tmp_path, monkeypatch):
+    """A merged LoRA export serves in vLLM (the tiny vLLM model: CPU attention needs head_dim >= 32)."""
+    from rlhf.trainers import Trainer
+
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    run_dir, _ = lora_run
-    path = export_run(run_dir, merge=True, output=tmp_path / "merged")
+    trainer = Trainer(tiny_cfg(f"model.path={tiny_vllm_model_dir}", "model.lora.enabled=true", "model.lora.r=4",
+                               "train.steps=1", "checkpoint.save_final=true", "log.trackers=[]"))
+    trainer.train()
+    path = export_run(trainer.out, merge=True, output=tmp_path / "merged")
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=str(path), distributed_executor_backend="uni", enforce_eager=True, max_model_len=64)
