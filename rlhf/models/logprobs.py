@@ -117,3 +117,23 @@ def completion_logprobs(
     logits_NTV = out.logits[:, :-1]
     logp_NT, ent_NT = token_logprobs(logits_NTV, batch.completion_ids_NT, temperature)
     return logp_NT * batch.mask_NT, ent_NT.detach() * batch.mask_NT
+
+
+def completion_logits(model: torch.nn.Module, batch: TokenBatch, compute_dtype: str = "fp32") -> Tensor:
+    """logits_NTV (compute dtype) predicting each completion token, differentiable to any order.
+
+    For the full-distribution KL and its Fisher-vector products (`rlhf.algos.natural`):
+    attention runs on PyTorch's math kernel, the only one with a double backward.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    T = batch.completion_ids_NT.shape[1]
+    with autocast(compute_dtype, batch.input_ids_NL.device), sdpa_kernel([SDPBackend.MATH]):
+        out = model(
+            input_ids=batch.input_ids_NL,
+            attention_mask=batch.attention_mask_NL,
+            position_ids=batch.position_ids_NL,
+            use_cache=False,
+            logits_to_keep=T + 1,
+        )
+    return out.logits[:, :-1]

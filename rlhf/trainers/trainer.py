@@ -22,8 +22,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from rlhf import algos
-from rlhf.algos import AdvantageInputs, LossNormalizer
-from rlhf.config import Config, ConfigError, to_dict
+from rlhf.algos import AdvantageInputs
+from rlhf.algos.combos import check_combination
+from rlhf.config import Config, to_dict
 from rlhf.data import PromptSource, load_prompt_dataset
 from rlhf.engine import ENGINES, SamplingParams
 from rlhf.logging import JsonlWriter, PhaseTimer, Progress, console_line
@@ -31,17 +32,15 @@ from rlhf.models.loading import load_policy, load_reference, load_tokenizer
 from rlhf.models.logprobs import completion_logprobs
 from rlhf.rewards import RewardModule
 from rlhf.trainers import checkpoint as ckpt
-from rlhf.trainers.experience import Experience, completion_mask, pad_rows, score_at_last_token
+from rlhf.trainers.experience import Experience, completion_mask, score_at_last_token
 from rlhf.trainers.optim import build_optimizer, build_scheduler
+from rlhf.trainers.sampling import collect
+from rlhf.trainers.updates import BatchUpdater
 
 
 def check_algorithm(cfg: Config, has_critic: bool = False) -> None:
-    """Reject invalid combinations before any model is loaded."""
-    meta = algos.ADVANTAGES.meta(cfg.algo.advantage)
-    if meta.get("needs_values") and not has_critic:
-        raise ConfigError(f"algo.advantage={cfg.algo.advantage} needs a critic (values); use the PPO trainer or a critic-free estimator")
-    if cfg.algo.policy_loss == "pg" and cfg.train.updates_per_batch > 1:
-        raise ConfigError("algo.policy_loss=pg is on-policy only: set train.updates_per_batch=1 or use ppo_clip")
+    """Reject invalid combinations before any model is loaded (rules in `rlhf.algos.combos`)."""
+    check_combination(cfg, has_critic)
 
 
 class Trainer:
@@ -81,6 +80,7 @@ class Trainer:
         self.loss_fn = algos.POLICY_LOSSES.get(cfg.algo.policy_loss)
         self.agg_fn = algos.LOSS_AGGREGATIONS.get(cfg.algo.loss_agg)
         self.kl_fn = algos.KL_ESTIMATORS.get(cfg.algo.kl.estimator)
+        self.update_fn = algos.UPDATES.get(cfg.algo.update)
         self.state = {"step": 0, "opt_step": 0, "skipped_steps": 0}
         self.metrics = JsonlWriter(self.out / "metrics.jsonl")
         self.completions = JsonlWriter(self.out / "completions.jsonl")
@@ -124,19 +124,14 @@ class Trainer:
 
     def make_experience(self, timer: PhaseTimer) -> tuple[Experience, dict]:
         cfg, G = self.cfg, self.cfg.train.samples_per_prompt
-        with timer("generate"):
-            batch = self.prompts.batch(cfg.train.prompts_per_step, self.acc.process_index, self.acc.num_processes)
-            rollouts = self.engine.generate(batch.prompt_ids, G, self.sampling)
-        with timer("reward"):
-            texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-            prompts_N = [p for p in batch.prompts for _ in range(G)]
-            completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts_N, texts)]
-            columns = {k: [v for v in vals for _ in range(G)] for k, vals in batch.columns.items()}
-            result = self.rewards(prompts_N, completions, rollouts.completion_ids, columns)
-        mask_NT = completion_mask(rollouts.completion_ids)
-        exp = Experience(rollouts.prompt_ids, rollouts.completion_ids, mask_NT, result.scores_N)
+        samples, reward_stats, sampling_metrics = collect(self, timer)  # generate + reward (+ DAPO shaping)
+        mask_NT = completion_mask(samples.completion_ids)
+        exp = Experience(samples.prompt_ids, samples.completion_ids, mask_NT, samples.scores_N)
+        if cfg.algo.mask_truncated:  # completions cut at max_new_tokens take no part in the loss
+            exp.loss_mask_NT = mask_NT * torch.tensor(samples.finished, dtype=mask_NT.dtype).unsqueeze(-1)
         with timer("logprob"):
-            reuse = cfg.train.updates_per_batch > 1 or cfg.algo.kl.placement == "in_reward"
+            reuse = (cfg.train.updates_per_batch > 1 or cfg.algo.kl.placement == "in_reward"
+                     or algos.UPDATES.meta(cfg.algo.update).get("needs_old_logp", False))
             if reuse:  # with one on-policy pass, old log-probs equal the current ones (detached)
                 exp.old_logp_NT = self._logprobs(exp, reference=False)
             if cfg.algo.kl.coef > 0:
@@ -148,77 +143,18 @@ class Trainer:
             rewards_NT = rewards_NT - cfg.algo.kl.coef * kl_NT
             kl_reward = float((kl_NT.sum() / mask_NT.sum()))
         exp.adv_NT, exp.ret_NT = self.adv_fn(AdvantageInputs(rewards_NT, mask_NT, G, exp.values_NT), cfg.algo)
-        info = {"texts": texts, "prompts": prompts_N, "per_fn": result.per_fn, "reward_stats": result.stats,
-                "finished": rollouts.finished, "kl_reward": kl_reward}
+        info = {"texts": samples.texts, "prompts": samples.prompts, "per_fn": samples.per_fn, "reward_stats": reward_stats,
+                "finished": samples.finished, "kl_reward": kl_reward, "sampling": sampling_metrics}
         return exp, info
-
-    def update(self, exp: Experience) -> list[dict]:
-        """updates_per_batch passes over the batch, one optimizer step each; returns per-step stats."""
-        cfg, acc = self.cfg, self.acc
-        rows = list(range(len(exp)))
-        norm = LossNormalizer(
-            num_tokens=self._reduce_sum(exp.mask_NT.sum()), num_seqs=self._reduce_sum(len(exp)),
-            max_tokens=float(cfg.generation.max_new_tokens),
-        )
-        beta = cfg.algo.kl.coef if cfg.algo.kl.placement == "in_loss" else 0.0
-        out = []
-        for _ in range(cfg.train.updates_per_batch):
-            sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
-            extra: dict[str, float] = {}
-            chunks = self._chunks(rows)
-            for k, chunk in enumerate(chunks):
-                mb = exp.select(chunk)
-                sync = acc.no_sync(self.model) if k < len(chunks) - 1 else contextlib.nullcontext()
-                with sync:
-                    tokens = mb.tokens(self.tokenizer.pad_token_id, acc.device)
-                    logp_NT, ent_NT = completion_logprobs(self.model, tokens, cfg.generation.temperature, cfg.model.compute_dtype)
-                    dev = logp_NT.device
-                    mask_NT, adv_NT = mb.mask_NT.to(dev), mb.adv_NT.to(dev)
-                    old_NT = mb.old_logp_NT.to(dev) if mb.old_logp_NT is not None else logp_NT.detach()
-                    loss_NT, stats = self.loss_fn(logp_NT, old_NT, adv_NT, mask_NT, cfg.algo)
-                    if beta > 0:
-                        kl_NT = self.kl_fn(logp_NT, mb.ref_logp_NT.to(dev))
-                        loss_NT = loss_NT + beta * kl_NT
-                        sums["kl"] += float((kl_NT.detach() * mask_NT).sum())
-                    # DDP averages gradients over processes; the normaliser is already global.
-                    loss = self.agg_fn(loss_NT, mask_NT, norm) * acc.num_processes
-                    acc.backward(loss)
-                n_tok = float(mask_NT.sum())
-                sums["loss"] += float(loss.detach()) / acc.num_processes
-                sums["entropy"] += float((ent_NT * mask_NT).sum())
-                sums["tokens"] += n_tok
-                for key, v in stats.items():
-                    extra[key] = extra.get(key, 0.0) + float(v) * n_tok
-            grad_norm = self._clip_and_step()
-            record = {"loss": self._reduce_sum(sums["loss"]), "grad_norm": grad_norm,
-                      "lr": self.scheduler.get_last_lr()[0], "entropy": self._reduce_sum(sums["entropy"]) / norm.num_tokens}
-            record["kl"] = self._reduce_sum(sums["kl"]) / norm.num_tokens if beta > 0 else None
-            for key, v in extra.items():
-                record[key] = self._reduce_sum(v) / norm.num_tokens
-            out.append(record)
-        return out
-
-    def _clip_and_step(self) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.cfg.train.max_grad_norm
-        grad_norm = self.acc.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        grad_norm = float(grad_norm)
-        if torch.isfinite(torch.tensor(grad_norm)):
-            self.optimizer.step()
-            self.scheduler.step()
-        else:  # never let a NaN/inf gradient reach the weights
-            self.state["skipped_steps"] += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state["opt_step"] += 1
-        return grad_norm
 
     def step(self) -> list[dict]:
         """One RL step; returns the metrics records written (one per optimizer step)."""
         cfg, G = self.cfg, self.cfg.train.samples_per_prompt
         timer, t0 = PhaseTimer(), time.perf_counter()
         exp, info = self.make_experience(timer)
-        with timer("train"):
-            updates = self.update(exp)
+        with timer("train"):  # the update rule (algo.update) moves the policy on this batch
+            updates = self.update_fn(BatchUpdater(self, exp), cfg.algo)
+        self.state["opt_step"] += len(updates)
         with timer("sync"):
             self.engine.update_weights(self.unwrapped)
         self.state["step"] += 1
@@ -242,6 +178,7 @@ class Trainer:
         batch_metrics.update({k: self._reduce_sum(v) for k, v in info["reward_stats"].items() if k.endswith(("unscored", "errors"))})
         if info["kl_reward"] is not None:
             batch_metrics["kl_in_reward"] = info["kl_reward"]
+        batch_metrics.update(info["sampling"])
         # The first record of a step carries the step's timings; later ones (updates_per_batch > 1) carry 0.
         times = {f"time/{k}_s": v for k, v in timer.seconds.items()}
         times["time/step_s"] = time.perf_counter() - t0
