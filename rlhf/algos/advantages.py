@@ -121,7 +121,9 @@ def discounted_returns(rewards_NT: Tensor, mask_NT: Tensor, gamma: float) -> Ten
 def reinforce(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
     """Psi_t = G_t = sum_{tau >= t} gamma^(tau-t) R_tau: REINFORCE with reward-to-go (Williams 1992).
 
-    No baseline: unbiased, high variance. gamma = `algo.gamma`.
+    No baseline: high variance. gamma = `algo.gamma`. With gamma = 1 (the default) this is the
+    seed's unbiased estimator of grad J; with gamma < 1 it is the common practice of dropping
+    the gamma^t factor of the seed's Psi_t = gamma^t G_t, which favours later tokens (Thomas 2014).
     """
     ret_NT = discounted_returns(inp.rewards_NT, inp.mask_NT, cfg.gamma)
     return ret_NT, ret_NT.clone()

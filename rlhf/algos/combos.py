@@ -27,9 +27,6 @@ def check_combination(cfg: Config, has_critic: bool = False) -> None:
     if t.updates_per_batch < upd.get("min_passes", 1):
         raise ConfigError(f"algo.update={a.update} needs train.updates_per_batch >= {upd['min_passes']} inner steps "
                           f"(got {t.updates_per_batch}); with one step its KL(pi || pi_old) term has no gradient")
-    if upd.get("double_backprop") and cfg.model.gradient_checkpointing:
-        raise ConfigError(f"algo.update={a.update} differentiates twice through the model, which activation "
-                          "checkpointing does not support: set model.gradient_checkpointing=false")
     if a.dynamic_sampling.enabled and not adv.get("group_relative"):
         raise ConfigError(f"algo.dynamic_sampling.enabled=true drops groups with equal rewards, which only carry no "
                           f"gradient for group-relative estimators ({', '.join(n for n in ADVANTAGES.names() if ADVANTAGES.meta(n).get('group_relative'))}); "

@@ -33,13 +33,14 @@ def flatten(tensors: Sequence[Tensor]) -> Tensor:
 @torch.no_grad()
 def assign_flat_(params: Sequence[Tensor], flat_P: Tensor) -> None:
     """Copy the flat vector into the parameters in place (no aliasing of `flat_P`)."""
+    total = sum(p.numel() for p in params)
+    if total != flat_P.numel():
+        raise ValueError(f"flat vector has {flat_P.numel()} entries, the parameters {total}")
     i = 0
     for p in params:
         n = p.numel()
         p.copy_(flat_P[i: i + n].view_as(p))
         i += n
-    if i != flat_P.numel():
-        raise ValueError(f"flat vector has {flat_P.numel()} entries, the parameters {i}")
 
 
 def categorical_kl_NT(old_logp_NTV: Tensor, logp_NTV: Tensor) -> Tensor:

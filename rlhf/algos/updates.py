@@ -10,7 +10,8 @@ rules below are model-free orchestration of the math in `rlhf.algos.natural`:
 - `trpo`:  the npg step plus a backtracking line search on measured KL and loss (Schulman et al. 2015).
 
 Registry metadata: `single_pass=True` (one step per batch), `min_passes=k` (needs
-`train.updates_per_batch >= k`), `double_backprop=True` (Fisher-vector products),
+`train.updates_per_batch >= k`), `double_backprop=True` (Fisher-vector products by double
+backprop: attention runs on the math kernel; works with non-reentrant activation checkpointing),
 `needs_old_logp=True` (the experience must carry log pi_old).
 """
 from __future__ import annotations
