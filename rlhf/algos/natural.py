@@ -43,6 +43,16 @@ def assign_flat_(params: Sequence[Tensor], flat_P: Tensor) -> None:
         i += n
 
 
+def surrogate_loss_NT(logp_NT: Tensor, old_logp_NT: Tensor, adv_NT: Tensor) -> Tensor:
+    """-r_t A_t, r_t = pi/pi_old: the seed's surrogate advantage L(theta, theta_old), negated, per token [N, T].
+
+    TRPO's line search measures the improvement of this surrogate (Schulman et al. 2015, eq. 14).
+    Its gradient at theta_old is -A grad log pi, the gradient every registered policy loss has
+    at ratio 1, so it is consistent with the natural-gradient direction whatever `algo.policy_loss` is.
+    """
+    return -torch.exp((logp_NT - old_logp_NT).clamp(-20.0, 20.0)) * adv_NT
+
+
 def categorical_kl_NT(old_logp_NTV: Tensor, logp_NTV: Tensor) -> Tensor:
     """KL(p_old || p) per position, exact over the vocabulary: sum_v p_old (log p_old - log p).
 

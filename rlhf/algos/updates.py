@@ -54,7 +54,8 @@ class UpdateProblem(Protocol):
     def set_flat_params(self, flat_P: Tensor) -> None: ...
 
     def measure(self, theta_old_P: Tensor) -> tuple[float, float, float]:
-        """(loss at theta_old, loss now, mean KL(pi_theta_old || pi_now) per token, exact over the vocabulary)."""
+        """(surrogate loss at theta_old, surrogate loss now, mean KL(pi_theta_old || pi_now) per token, exact over
+        the vocabulary); the surrogate is `natural.surrogate_loss_NT` (+ beta * KL to the reference in the loss)."""
 
 
 UpdateFn = Callable[[UpdateProblem, "object"], "list[dict]"]
@@ -93,8 +94,10 @@ def _natural(problem: UpdateProblem, cfg) -> tuple[Tensor, Tensor, object, dict]
 def npg(problem: UpdateProblem, cfg) -> list[dict]:
     """Natural policy gradient (Kakade 2001): theta += -sqrt(2 delta / x^T F x) x, x = F^-1 g by CG.
 
-    delta = `algo.natural.max_kl`; F from double backprop of the mean KL. No line search:
-    the measured KL is logged as `natural/kl` (it exceeds delta where the quadratic model is off).
+    g is the gradient of the configured loss at theta_old (where every registered policy loss
+    has the same gradient, -A grad log pi, so `algo.policy_loss` changes only its logged
+    statistics), delta = `algo.natural.max_kl`, F from double backprop of the mean KL. No line
+    search: the measured KL is logged as `natural/kl` (above delta where the quadratic model is off).
     """
     theta_old_P, _, step, record = _natural(problem, cfg)
     problem.set_flat_params(theta_old_P + step.delta_P)
@@ -106,8 +109,10 @@ def npg(problem: UpdateProblem, cfg) -> list[dict]:
 @UPDATES.register("trpo", single_pass=True, double_backprop=True)
 def trpo(problem: UpdateProblem, cfg) -> list[dict]:
     """TRPO (Schulman et al. 2015): the npg step, shrunk by `algo.natural.backtrack_coef` until the
-    measured mean KL(pi_old || pi) <= `algo.natural.max_kl` and the loss decreases; if no try
-    passes within `algo.natural.max_backtracks`, the parameters stay at theta_old.
+    measured mean KL(pi_old || pi) <= `algo.natural.max_kl` and the surrogate loss -r A
+    (+ beta KL to the reference) decreases; if no try passes within `algo.natural.max_backtracks`,
+    the parameters stay at theta_old. The surrogate, not the configured loss, is measured:
+    CISPO's detached weight, for one, makes its loss value no objective to line-search on.
     """
     nat = cfg.natural
     theta_old_P, _, step, record = _natural(problem, cfg)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from rlhf.algos import ExtraLoss, LossNormalizer
-from rlhf.algos.natural import FVP, assign_flat_, categorical_kl_NT, flatten, hessian_vector_product, self_kl_NT
+from rlhf.algos.natural import (FVP, assign_flat_, categorical_kl_NT, flatten, hessian_vector_product, self_kl_NT,
+                                surrogate_loss_NT)
 from rlhf.models.logprobs import completion_logits, completion_logprobs
 from rlhf.trainers.experience import Experience
 
@@ -61,6 +62,15 @@ class BatchUpdater:
             loss_NT = loss_NT + extra.coef * x_NT
             sums[extra.name] = float((x_NT.detach() * mask_NT).sum())
         return self.t.agg_fn(loss_NT, mask_NT, self.norm), sums
+
+    def _surrogate(self, mb: Experience, logp_NT: Tensor) -> float:
+        """The aggregated surrogate loss -r A (+ beta * KL to the reference) of one micro-batch (TRPO's line search)."""
+        dev = logp_NT.device
+        mask_NT = mb.train_mask_NT.to(dev)
+        loss_NT = surrogate_loss_NT(logp_NT, mb.old_logp_NT.to(dev), mb.adv_NT.to(dev))
+        if self.beta > 0:
+            loss_NT = loss_NT + self.beta * self.t.kl_fn(logp_NT, mb.ref_logp_NT.to(dev))
+        return float(self.t.agg_fn(loss_NT, mask_NT, self.norm))
 
     def _add(self, sums: dict, loss: Tensor, ent_NT: Tensor, mb: Experience, stats: dict) -> None:
         sums["loss"] += float(loss.detach())
@@ -181,7 +191,10 @@ class BatchUpdater:
 
     @torch.no_grad()
     def measure(self, theta_old_P: Tensor) -> tuple[float, float, float]:
-        """(loss at theta_old, loss now, mean KL(pi_theta_old || pi_now) per token, exact over the vocabulary)."""
+        """(surrogate loss at theta_old, surrogate loss now, mean KL(pi_theta_old || pi_now) per token, exact).
+
+        Needs log pi_old in the batch (`loss_and_grad` records it when the experience has none).
+        """
         theta_now_P = self.flat_params()
         model = self.t.unwrapped
         model.eval()
@@ -195,8 +208,8 @@ class BatchUpdater:
             dev = now_NTV.device
             ids_NT1 = mb.tokens(self.t.tokenizer.pad_token_id, dev).completion_ids_NT.unsqueeze(-1)
             mask_NT, tok_mask_NT = mb.train_mask_NT.to(dev), mb.mask_NT.to(dev)
-            loss_old += float(self._loss(mb, old_NTV.gather(-1, ids_NT1).squeeze(-1) * tok_mask_NT)[0])
-            loss_now += float(self._loss(mb, now_NTV.gather(-1, ids_NT1).squeeze(-1) * tok_mask_NT)[0])
+            loss_old += self._surrogate(mb, old_NTV.gather(-1, ids_NT1).squeeze(-1) * tok_mask_NT)
+            loss_now += self._surrogate(mb, now_NTV.gather(-1, ids_NT1).squeeze(-1) * tok_mask_NT)
             kl_sum += float((categorical_kl_NT(old_NTV, now_NTV) * mask_NT).sum())
         model.train()
         red = self.t._reduce_sum
