@@ -116,11 +116,13 @@ def test_two_optimizer_steps_for_every_valid_combination(tiny_cfg, rewards, adva
 
 def batch_kl(old_model, new_model, trainer, exp) -> float:
     """Mean over completion tokens of the exact KL(pi_old || pi_new), measured independently of the trainer."""
-    tok = exp.tokens(trainer.tokenizer.pad_token_id, "cpu")
+    dev = next(new_model.parameters()).device
+    tok = exp.tokens(trainer.tokenizer.pad_token_id, dev)
     with torch.no_grad():
         old = torch.log_softmax(completion_logits(old_model, tok).float(), -1)
         new = torch.log_softmax(completion_logits(new_model, tok).float(), -1)
-    return float((categorical_kl_NT(old, new) * exp.mask_NT).sum() / exp.mask_NT.sum())
+    mask = exp.mask_NT.to(dev)
+    return float((categorical_kl_NT(old, new) * mask).sum() / mask.sum())
 
 
 def test_trpo_step_keeps_the_measured_kl_within_delta(tiny_cfg, rewards):
@@ -266,3 +268,15 @@ def test_mask_truncated_drops_truncated_samples_from_the_loss(tiny_cfg, rewards)
     kept.old_logp_NT = None
     g_kept, _ = BatchUpdater(trainer, kept).loss_and_grad()
     assert torch.allclose(g_masked, g_kept, atol=1e-6)
+
+
+def test_trpo_with_lora_in_bf16_moves_only_the_adapter_within_delta(tiny_cfg, rewards):
+    delta = 0.01
+    trainer = Trainer(tiny_cfg(rewards("dense"), "algo.update=trpo", "model.lora.enabled=true", "model.lora.r=4",
+                               "model.compute_dtype=bf16", f"algo.natural.max_kl={delta}", "algo.kl.coef=0.05"))
+    before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
+    records = trainer.train()
+    after = dict(trainer.unwrapped.named_parameters())
+    assert all(r["natural/kl"] <= delta for r in records) and any(r["natural/accepted"] for r in records)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "lora_" in n)
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
