@@ -280,3 +280,39 @@ def test_trpo_with_lora_in_bf16_moves_only_the_adapter_within_delta(tiny_cfg, re
     assert all(r["natural/kl"] <= delta for r in records) and any(r["natural/accepted"] for r in records)
     assert any(not torch.equal(before[n], after[n]) for n in before if "lora_" in n)
     assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
+
+
+# ---------------------------------------------------------------------------- two processes
+
+
+def test_trpo_and_dynamic_sampling_keep_ranks_in_sync_on_two_processes(tiny_model_dir, rewards, kinds, tmp_path):
+    """TRPO's gradient, Fisher-vector products and line-search measurements are reduced by hand over
+    processes (no DDP hook sees them), and dynamic-sampling rounds are collective: both ranks must
+    end with the same parameters, and a rank that is full keeps drawing prompts with the other."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "RLHF_TEST_OUT": str(out), "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    overrides = [f"model.path={tiny_model_dir}", "model.compute_dtype=fp32", "model.lora.enabled=false",
+                 f"output_dir={tmp_path / 'run'}", "train.steps=2", "train.prompts_per_step=2", "train.samples_per_prompt=4",
+                 "train.micro_batch_size=2", "train.lr=1e-3", "generation.max_new_tokens=6", "log.progress=false",
+                 "checkpoint.save_final=false", f"data.train={kinds}", "data.shuffle=false", rewards("by_kind"),
+                 "algo.dynamic_sampling.enabled=true", "algo.update=trpo", "algo.natural.cg_iters=3"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(Path(__file__).with_name("ddp_updates.py")),
+                           *overrides], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["world_size"] == 2
+    assert res["rank_diff"] == 0.0 and res["moved"] > 0
+    first = res["records"][0]
+    assert first["world_size"] == 2 and first["natural/accepted"] == 1.0
+    # rank 0 holds the even ('vary') prompt of every round and is full at once; rank 1 holds the odd
+    # ('flat') prompt, drops it in every round, and after the 3 extra rounds fills with a dropped group
+    assert first["dynamic_sampling/extra_rounds"] == 3 and first["dynamic_sampling/dropped_groups"] == 4
+    assert first["dynamic_sampling/filled_groups"] == 1 and first["frac_zero_std"] == 0.5
