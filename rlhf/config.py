@@ -144,6 +144,7 @@ class TrainConfig:
     prompts_per_step: int = opt(2, "prompts per RL step (all processes together)")
     samples_per_prompt: int = opt(8, "completions sampled per prompt (the group size G)")
     micro_batch_size: int = opt(8, "samples per forward/backward pass on one process")
+    pack_prompts: bool = opt(True, "training forwards compute each prompt once per group (shared-prompt packing)")
     updates_per_batch: int = opt(1, "passes over each batch (mu); >1 keeps old log-probs for the ratio")
     lr: float = opt(1e-5, "peak learning rate")
     lr_schedule: Literal["constant", "linear", "cosine"] = opt("constant", "decay after warmup")
@@ -151,6 +152,10 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
+    max_skipped_steps: int = opt(
+        3, "optimizer steps with NaN/inf gradients are skipped and counted; this many in a row save a checkpoint "
+        "and stop the run with an error (0: never stop)"
+    )
     seed: int = opt(0, "seed for data order, sampling and initialisation")
 
 
@@ -165,13 +170,15 @@ class RewardSpec:
 class RewardConfig:
     functions: list[RewardSpec] = opt([RewardSpec(fn="first_number_matches")], "reward functions and weights")
     on_error: Literal["raise", "skip"] = opt("raise", "a raising function stops the run, or its samples score None")
-    timeout_s: Optional[float] = opt(None, "per-call timeout in seconds (None: no limit)")
+    timeout_s: Optional[float] = opt(
+        None, "per-call timeout in seconds; a call that hangs is abandoned and handled by reward.on_error (None: no limit)"
+    )
 
 
 @dataclass
 class CheckpointConfig:
     every: int = opt(0, "save a checkpoint every N RL steps (0: only at the end)")
-    keep_last: int = opt(2, "checkpoints kept on disk")
+    keep_last: int = opt(2, "checkpoints kept on disk (>= 1; the one `latest` points to is never deleted)")
     resume: str = opt("none", "'none', 'latest' (in output_dir) or a checkpoint directory")
     save_final: bool = opt(True, "save the final model with save_pretrained")
     merge_lora: bool = opt(False, "also save LoRA merged into the base weights")
@@ -205,6 +212,12 @@ class Config:
         for key in ("steps", "prompts_per_step", "samples_per_prompt", "micro_batch_size", "updates_per_batch"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+        if t.max_skipped_steps < 0:
+            raise ConfigError(f"train.max_skipped_steps must be >= 0, got {t.max_skipped_steps}")
+        if self.checkpoint.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
+        if self.reward.timeout_s is not None and self.reward.timeout_s <= 0:
+            raise ConfigError(f"reward.timeout_s must be > 0 (or null for no limit), got {self.reward.timeout_s}")
         if t.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {t.lr}")
         if t.prompts_per_step % world_size:

@@ -6,7 +6,9 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
+
+from rlhf.redact import redact
 
 
 class PhaseTimer:
@@ -33,7 +35,9 @@ def _jsonable(v: Any) -> Any:
 
 
 class JsonlWriter:
-    """Appends one JSON object per line and flushes, so a crash loses nothing already logged."""
+    """Appends one JSON object per line and flushes, so a crash loses nothing already logged.
+
+    Records pass through `rlhf.redact.redact`: no token, key or password reaches the file."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -41,7 +45,7 @@ class JsonlWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+            f.write(json.dumps(redact({k: _jsonable(v) for k, v in record.items()})) + "\n")
 
     def truncate_after(self, key: str, value: int) -> None:
         """Drop records with record[key] > value (used on resume, so no step is logged twice)."""
@@ -72,8 +76,11 @@ class Progress:
         self._bar.start()
 
     def update(self, record: dict[str, Any]) -> None:
+        """Advance the bar and print one log line for the step above it (plain print when the bar is off)."""
         if self._bar is None:
+            print(console_line(record), flush=True)
             return
+        self._bar.console.print(console_line(record), soft_wrap=True)
         kl = record.get("kl")
         info = f"reward {record['reward/mean']:.3f}" + (f"  kl {kl:.4f}" if kl is not None else "") + f"  {record['time/step_s']:.1f}s/step"
         self._bar.update(self._task, advance=1, info=info)
@@ -90,7 +97,3 @@ def console_line(record: dict[str, Any]) -> str:
         f"kl {kl if kl is None else f'{kl:.4f}'}  loss {record['loss']:+.4f}  len {record['completion/len_mean']:.1f}  "
         f"{record['time/step_s']:.1f}s (gen {record['time/generate_s']:.1f}s, train {record['time/train_s']:.1f}s)"
     )
-
-
-def maybe(value: Optional[float]) -> Optional[float]:
-    return None if value is None else float(value)

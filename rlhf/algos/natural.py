@@ -56,13 +56,13 @@ def surrogate_loss_NT(logp_NT: Tensor, old_logp_NT: Tensor, adv_NT: Tensor) -> T
 def categorical_kl_NT(old_logp_NTV: Tensor, logp_NTV: Tensor) -> Tensor:
     """KL(p_old || p) per position, exact over the vocabulary: sum_v p_old (log p_old - log p).
 
-    Both arguments are log-softmax outputs [N, T, V]; the result is [N, T].
+    Both arguments are log-softmax outputs [..., V] (for example [N, T, V] or [M, V]); the result is [...].
     """
     return (old_logp_NTV.exp() * (old_logp_NTV - logp_NTV)).sum(-1)
 
 
 def self_kl_NT(logp_NTV: Tensor) -> Tensor:
-    """KL(sg[pi] || pi) per position [N, T]: value 0 and gradient 0 at the current parameters,
+    """KL(sg[pi] || pi) per position ([..., V] -> [...]): value 0 and gradient 0 at the current parameters,
     but its Hessian there is the Fisher matrix (the input of `hessian_vector_product`)."""
     return categorical_kl_NT(logp_NTV.detach(), logp_NTV)
 

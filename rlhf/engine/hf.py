@@ -1,7 +1,7 @@
 """Generation with `transformers.generate` on the policy itself: works everywhere, nothing to sync."""
 from __future__ import annotations
 
-import contextlib
+import copy
 
 import torch
 import transformers
@@ -39,14 +39,21 @@ def split_completions(out_NT: torch.Tensor, eos: set[int]) -> tuple[list[list[in
 
 
 class HFEngine:
-    """Batched left-padded sampling with `model.generate` on the (unwrapped) policy."""
+    """Batched left-padded sampling with `model.generate`.
+
+    With bf16 compute and fp32 full weights, generation runs on a bf16 copy refreshed by
+    `update_weights` (one 2-byte copy per step instead of re-casting every weight at every
+    decoding step under autocast). Otherwise it runs on the policy itself.
+    """
 
     def __init__(self, model: torch.nn.Module, tokenizer, cfg):
-        self.model = model
         self.tokenizer = tokenizer
         self.compute_dtype = cfg.model.compute_dtype
         self.pad_id = tokenizer.pad_token_id
         self.eos = eos_ids(model, tokenizer)
+        fp32_weights = any(p.dtype == torch.float32 for p in model.parameters())
+        self.copy_weights = self.compute_dtype == "bf16" and fp32_weights and not hasattr(model, "peft_config")
+        self.model = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False) if self.copy_weights else model
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, return_logps: bool = False) -> Rollouts:
@@ -86,8 +93,14 @@ class HFEngine:
         prompts_N = [p for p in prompt_ids for _ in range(n)]
         return Rollouts(prompt_ids=prompts_N, completion_ids=completions, finished=finished, sampler_logps=logps)
 
+    @torch.no_grad()
     def update_weights(self, model: torch.nn.Module) -> None:
-        self.model = model  # generation runs on the policy itself
+        if not self.copy_weights:
+            self.model = model  # generation runs on the policy itself
+            return
+        src = dict(model.named_parameters())
+        for name, p in self.model.named_parameters():
+            p.copy_(src[name])
 
     def sleep(self) -> None:
         pass

@@ -7,7 +7,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from rlhf.models.logprobs import TokenBatch, collate
 
 
 @dataclass
@@ -48,9 +47,6 @@ class Experience:
     def train_mask_NT(self) -> Tensor:
         """The tokens that count in the loss and its normaliser."""
         return self.mask_NT if self.loss_mask_NT is None else self.loss_mask_NT
-
-    def tokens(self, pad_id: int, device) -> TokenBatch:
-        return collate(self.prompt_ids, self.completion_ids, pad_id, device)
 
 
 def completion_mask(completion_ids: list[list[int]]) -> Tensor:

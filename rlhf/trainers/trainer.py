@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -27,12 +26,14 @@ from rlhf.algos.combos import check_combination
 from rlhf.config import Config, to_dict
 from rlhf.data import PromptSource, load_prompt_dataset
 from rlhf.engine import ENGINES, SamplingParams
-from rlhf.logging import JsonlWriter, PhaseTimer, Progress, console_line
+from rlhf.logging import JsonlWriter, PhaseTimer, Progress
 from rlhf.models.loading import load_policy, load_reference, load_tokenizer
-from rlhf.models.logprobs import completion_logprobs
+from rlhf.models.logprobs import sample_logprobs
+from rlhf.redact import redact
 from rlhf.rewards import RewardModule
 from rlhf.trainers import checkpoint as ckpt
 from rlhf.trainers.experience import Experience, completion_mask, score_at_last_token
+from rlhf.trainers.guards import NonFiniteGradients, Preemption
 from rlhf.trainers.optim import build_optimizer, build_scheduler
 from rlhf.trainers.sampling import collect
 from rlhf.trainers.updates import BatchUpdater
@@ -63,6 +64,8 @@ class Trainer:
             prompt_column=d.prompt_column, max_prompt_tokens=d.max_prompt_tokens, on_long_prompt=d.on_long_prompt,
             shuffle=d.shuffle, seed=cfg.train.seed,
         )
+        if self.prompts.stats["prompts/too_long"]:
+            self.log(f"data: {self.prompts.stats} (data.on_long_prompt={d.on_long_prompt})")
 
         policy = load_policy(cfg.model)
         self.ref = load_reference(cfg.model, policy, cfg.algo.kl.coef)
@@ -81,10 +84,13 @@ class Trainer:
         self.agg_fn = algos.LOSS_AGGREGATIONS.get(cfg.algo.loss_agg)
         self.kl_fn = algos.KL_ESTIMATORS.get(cfg.algo.kl.estimator)
         self.update_fn = algos.UPDATES.get(cfg.algo.update)
-        self.state = {"step": 0, "opt_step": 0, "skipped_steps": 0}
+        self.state = {"step": 0, "opt_step": 0}
+        self.nonfinite = NonFiniteGradients(self.state, cfg.train.max_skipped_steps)
+        # Everything a checkpoint saves and a resume restores; other trainers add theirs (critic, KL controller).
+        self.stateful = {"policy": self.unwrapped, "optimizer": self.optimizer, "scheduler": self.scheduler}
         self.metrics = JsonlWriter(self.out / "metrics.jsonl")
         self.completions = JsonlWriter(self.out / "completions.jsonl")
-        self._stop_requested = False
+        self._saved_step: Optional[int] = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -103,6 +109,13 @@ class Trainer:
         mbs = self.cfg.train.micro_batch_size
         return [rows[i: i + mbs] for i in range(0, len(rows), mbs)]
 
+    def _forward(self, model: torch.nn.Module, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logp_NT, entropy_NT) of `exp`'s completions under `model`."""
+        return sample_logprobs(
+            model, exp.prompt_ids, exp.completion_ids, self.tokenizer.pad_token_id, temperature=self.cfg.generation.temperature,
+            compute_dtype=self.cfg.model.compute_dtype, device=self.acc.device, pack_prompts=self.cfg.train.pack_prompts,
+        )
+
     @torch.no_grad()
     def _logprobs(self, exp: Experience, reference: bool) -> torch.Tensor:
         """Log-probs of every completion token under the policy (or the reference), micro-batched."""
@@ -113,9 +126,7 @@ class Trainer:
         model.eval()
         with ctx:
             for rows in self._chunks(list(range(len(exp)))):
-                mb = exp.select(rows)
-                lp, _ = completion_logprobs(model, mb.tokens(self.tokenizer.pad_token_id, self.acc.device),
-                                            self.cfg.generation.temperature, self.cfg.model.compute_dtype)
+                lp, _ = self._forward(model, exp.select(rows))
                 logp_NT[rows, : lp.shape[1]] = lp.float().cpu()
         self.unwrapped.train()
         return logp_NT
@@ -141,7 +152,7 @@ class Trainer:
         if cfg.algo.kl.coef > 0 and cfg.algo.kl.placement == "in_reward":
             kl_NT = self.kl_fn(exp.old_logp_NT, exp.ref_logp_NT) * mask_NT
             rewards_NT = rewards_NT - cfg.algo.kl.coef * kl_NT
-            kl_reward = float((kl_NT.sum() / mask_NT.sum()))
+            kl_reward = float((kl_NT.sum() / mask_NT.sum().clamp(min=1)))
         exp.adv_NT, exp.ret_NT = self.adv_fn(AdvantageInputs(rewards_NT, mask_NT, G, exp.values_NT), cfg.algo)
         info = {"texts": samples.texts, "prompts": samples.prompts, "per_fn": samples.per_fn, "reward_stats": reward_stats,
                 "finished": samples.finished, "kl_reward": kl_reward, "sampling": sampling_metrics}
@@ -169,13 +180,14 @@ class Trainer:
             "reward/std": float(scores[valid].std()) if valid.sum() > 1 else 0.0,
             "frac_zero_std": float((group_std == 0).float().mean()),
             "completion/len_mean": float(lens.mean()),
+            "tokens/total": self._reduce_sum(sum(len(p) + len(c) for p, c in zip(exp.prompt_ids, exp.completion_ids))),
             "completion/truncated_frac": float((~finished).float().mean()),
-            "world_size": self.acc.num_processes,
+            "world_size": self.acc.num_processes, "skipped_steps": self.state["skipped_steps"], **self.prompts.stats,
         }
         for name, values in info["per_fn"].items():
             v = self.acc.gather(torch.tensor([float("nan") if x is None else x for x in values], device=self.acc.device))
             batch_metrics[f"reward/{name}/mean"] = float(v[torch.isfinite(v)].mean()) if torch.isfinite(v).any() else None
-        batch_metrics.update({k: self._reduce_sum(v) for k, v in info["reward_stats"].items() if k.endswith(("unscored", "errors"))})
+        batch_metrics.update({k: self._reduce_sum(v) for k, v in info["reward_stats"].items() if k.endswith(("unscored", "errors", "timeouts"))})
         if info["kl_reward"] is not None:
             batch_metrics["kl_in_reward"] = info["kl_reward"]
         batch_metrics.update(info["sampling"])
@@ -209,39 +221,34 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self._maybe_resume()
-        if self.is_main:
-            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-        self._install_signal_handlers()
+        if self.is_main:  # tokens, keys and passwords never reach the saved config
+            (self.out / "config.json").write_text(json.dumps(redact(to_dict(cfg)), indent=1))
         progress = Progress(cfg.train.steps, cfg.log.progress and self.is_main, start=self.state["step"])
         history = []
+        preemption = Preemption().install()
         try:
             while self.state["step"] < cfg.train.steps:
                 records = self.step()
                 history += records
-                progress.update(records[0])
-                if not cfg.log.progress:
-                    self.log(console_line(records[0]))
-                every = cfg.checkpoint.every
-                if self._stop_requested or (every and self.state["step"] % every == 0):
+                if self.is_main:
+                    progress.update(records[0])
+                stop, every = preemption.requested(self.acc), cfg.checkpoint.every
+                if stop or self.nonfinite.exceeded or (every and self.state["step"] % every == 0):
                     self.save_checkpoint()
-                if self._stop_requested:
-                    self.log(f"stop requested: saved a checkpoint at step {self.state['step']} and exiting")
+                if self.nonfinite.exceeded:
+                    raise self.nonfinite.error(self.state["step"])
+                if stop:
+                    self.log(f"{preemption.name}: saved a checkpoint at step {self.state['step']}; exiting "
+                             "(continue with checkpoint.resume=latest)")
                     return history
         finally:
             progress.close()
-        if cfg.checkpoint.every == 0 or self.state["step"] % cfg.checkpoint.every:
+            preemption.restore()
+        if self._saved_step != self.state["step"]:
             self.save_checkpoint()
         if cfg.checkpoint.save_final:
             self.save_final()
         return history
-
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum, frame):
-            self._stop_requested = True
-
-        with contextlib.suppress(ValueError):  # only possible in the main thread
-            signal.signal(signal.SIGTERM, request_stop)
-            signal.signal(signal.SIGUSR1, request_stop)
 
     def save_checkpoint(self) -> None:
         root = self.out / "checkpoints"
@@ -250,8 +257,9 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.is_main:
             state = {**self.state, "data": self.prompts.state()}
-            ckpt.commit(root, step, self.unwrapped, self.optimizer, self.scheduler, state, self.cfg.checkpoint.keep_last)
+            ckpt.commit(root, step, self.stateful, state, self.cfg.checkpoint.keep_last)
         self.acc.wait_for_everyone()
+        self._saved_step = step
 
     def _maybe_resume(self) -> None:
         resume = self.cfg.checkpoint.resume
@@ -261,9 +269,10 @@ class Trainer:
         if path is None:
             self.log("checkpoint.resume=latest: no checkpoint found, starting fresh")
             return
-        state = ckpt.load(path, self.unwrapped, self.optimizer, self.scheduler, self.acc.process_index)
+        state = ckpt.load(path, self.stateful, self.acc.process_index)
         self.prompts.load_state(state.pop("data"))
         self.state.update(state)
+        self._saved_step = self.state["step"]
         self.engine.update_weights(self.unwrapped)
         if self.is_main:  # forget steps logged after the checkpoint, so none is logged twice
             self.metrics.truncate_after("step", self.state["step"])

@@ -19,7 +19,7 @@ from torch import Tensor
 from rlhf.algos import ExtraLoss, LossNormalizer
 from rlhf.algos.natural import (FVP, assign_flat_, categorical_kl_NT, flatten, hessian_vector_product, self_kl_NT,
                                 surrogate_loss_NT)
-from rlhf.models.logprobs import completion_logits, completion_logprobs
+from rlhf.models.logprobs import sample_log_softmax, scatter_tokens
 from rlhf.trainers.experience import Experience
 
 
@@ -41,9 +41,6 @@ class BatchUpdater:
         self.beta = kl.coef if kl.placement == "in_loss" else 0.0
 
     # ------------------------------------------------------------------ losses and metrics
-
-    def _tokens(self, mb: Experience):
-        return mb.tokens(self.t.tokenizer.pad_token_id, self.t.acc.device)
 
     def _loss(self, mb: Experience, logp_NT: Tensor, extra: Optional[ExtraLoss] = None) -> tuple[Tensor, dict]:
         """The aggregated loss of one micro-batch and token-weighted metric sums."""
@@ -93,15 +90,14 @@ class BatchUpdater:
 
     def optimizer_pass(self, extra: Optional[ExtraLoss] = None) -> dict:
         """Backward over every micro-batch (gradients all-reduced once, at the last), then one optimizer step."""
-        acc, cfg = self.t.acc, self.cfg
+        acc = self.t.acc
         sums: dict = defaultdict(float)
         chunks = self.t._chunks(self.rows)
         for k, chunk in enumerate(chunks):
             mb = self.exp.select(chunk)
             sync = acc.no_sync(self.t.model) if k < len(chunks) - 1 else contextlib.nullcontext()
             with sync:
-                logp_NT, ent_NT = completion_logprobs(self.t.model, self._tokens(mb), cfg.generation.temperature,
-                                                      cfg.model.compute_dtype)
+                logp_NT, ent_NT = self.t._forward(self.t.model, mb)
                 loss, stats = self._loss(mb, logp_NT, extra)
                 acc.backward(loss * acc.num_processes)  # DDP averages gradients; the normaliser is already global
             self._add(sums, loss, ent_NT, mb, stats)
@@ -111,11 +107,9 @@ class BatchUpdater:
     def _clip_and_step(self) -> float:
         max_norm = self.cfg.train.max_grad_norm
         grad_norm = float(self.t.acc.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf")))
-        if torch.isfinite(torch.tensor(grad_norm)):
+        if self.t.nonfinite.record(grad_norm):  # a NaN/inf gradient never reaches the weights
             self.t.optimizer.step()
             self.t.scheduler.step()
-        else:  # never let a NaN/inf gradient reach the weights
-            self.t.state["skipped_steps"] += 1
         self.t.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -129,15 +123,14 @@ class BatchUpdater:
 
     def loss_and_grad(self) -> tuple[Tensor, dict]:
         """(g_P, metrics) at the current parameters; also records log pi_old when the batch lacks it."""
-        cfg, exp = self.cfg, self.exp
+        exp = self.exp
         capture = exp.old_logp_NT is None
         old_logp_NT = torch.zeros_like(exp.mask_NT) if capture else None
         g_P = torch.zeros(sum(p.numel() for p in self.params), device=self.params[0].device)
         sums: dict = defaultdict(float)
         for chunk in self.t._chunks(self.rows):
             mb = exp.select(chunk)
-            logp_NT, ent_NT = completion_logprobs(self.t.unwrapped, self._tokens(mb), cfg.generation.temperature,
-                                                  cfg.model.compute_dtype)
+            logp_NT, ent_NT = self.t._forward(self.t.unwrapped, mb)
             if capture:
                 old_logp_NT[chunk, : logp_NT.shape[1]] = logp_NT.detach().float().cpu()
             loss, stats = self._loss(mb, logp_NT)
@@ -147,7 +140,10 @@ class BatchUpdater:
         if capture:
             exp.old_logp_NT = old_logp_NT
         g_P = self._reduce_vec(g_P)
-        return g_P, {**self._metrics(sums), "grad_norm": float(g_P.norm())}
+        grad_norm = float(g_P.norm())
+        if not self.t.nonfinite.record(grad_norm):  # a NaN/inf gradient gives no step (natural_step of 0 is 0)
+            g_P = torch.zeros_like(g_P)
+        return g_P, {**self._metrics(sums), "grad_norm": grad_norm}
 
     def _fisher_rows(self) -> list[int]:
         k = self.cfg.algo.natural.fisher_samples
@@ -156,9 +152,16 @@ class BatchUpdater:
         stride = len(self.rows) / k  # evenly spread over the groups
         return [self.rows[int(i * stride)] for i in range(k)]
 
-    def _full_logp_NTV(self, mb: Experience) -> Tensor:
-        logits_NTV = completion_logits(self.t.unwrapped, self._tokens(mb), self.cfg.model.compute_dtype)
-        return torch.log_softmax(logits_NTV.float() / self.cfg.generation.temperature, -1)
+    def _full_logp(self, mb: Experience):
+        """(logp_MV, packed batch, mask_M): the full log-softmax of every completion token and its loss mask."""
+        cfg = self.cfg
+        logp_MV, pb = sample_log_softmax(
+            self.t.unwrapped, mb.prompt_ids, mb.completion_ids, self.t.tokenizer.pad_token_id,
+            temperature=cfg.generation.temperature, compute_dtype=cfg.model.compute_dtype, device=self.t.acc.device,
+            pack_prompts=cfg.train.pack_prompts,
+        )
+        mask_M = mb.train_mask_NT[pb.sample_M, pb.pos_M].to(logp_MV.device)
+        return logp_MV, pb, mask_M
 
     def fisher_vector_product(self) -> FVP:
         """F v for F = Hessian of the mean KL(sg[pi] || pi) over the Fisher rows' tokens, by double backprop.
@@ -173,8 +176,8 @@ class BatchUpdater:
         grads = []
         for chunk in self.t._chunks(rows):
             mb = self.exp.select(chunk)
-            logp_NTV = self._full_logp_NTV(mb)
-            kl = (self_kl_NT(logp_NTV) * mb.train_mask_NT.to(logp_NTV.device)).sum() / n_tok
+            logp_MV, _, mask_M = self._full_logp(mb)
+            kl = (self_kl_NT(logp_MV) * mask_M).sum() / n_tok
             gr = torch.autograd.grad(kl, self.params, create_graph=True, allow_unused=True)
             flat = flatten([torch.zeros_like(p) if x is None else x for x, p in zip(gr, self.params)])
             if flat.requires_grad:  # a micro-batch with no loss tokens has no curvature
@@ -202,15 +205,13 @@ class BatchUpdater:
         for chunk in self.t._chunks(self.rows):
             mb = self.exp.select(chunk)
             self.set_flat_params(theta_old_P)
-            old_NTV = self._full_logp_NTV(mb)
+            old_MV, pb, mask_M = self._full_logp(mb)
             self.set_flat_params(theta_now_P)
-            now_NTV = self._full_logp_NTV(mb)
-            dev = now_NTV.device
-            ids_NT1 = mb.tokens(self.t.tokenizer.pad_token_id, dev).completion_ids_NT.unsqueeze(-1)
-            mask_NT, tok_mask_NT = mb.train_mask_NT.to(dev), mb.mask_NT.to(dev)
-            loss_old += self._surrogate(mb, old_NTV.gather(-1, ids_NT1).squeeze(-1) * tok_mask_NT)
-            loss_now += self._surrogate(mb, now_NTV.gather(-1, ids_NT1).squeeze(-1) * tok_mask_NT)
-            kl_sum += float((categorical_kl_NT(old_NTV, now_NTV) * mask_NT).sum())
+            now_MV, _, _ = self._full_logp(mb)
+            target_M1 = pb.target_M.to(now_MV.device).unsqueeze(-1)
+            loss_old += self._surrogate(mb, scatter_tokens(pb, old_MV.gather(-1, target_M1).squeeze(-1)))
+            loss_now += self._surrogate(mb, scatter_tokens(pb, now_MV.gather(-1, target_M1).squeeze(-1)))
+            kl_sum += float((categorical_kl_NT(old_MV, now_MV) * mask_M).sum())
         model.train()
         red = self.t._reduce_sum
         return red(loss_old), red(loss_now), red(kl_sum) / self.norm.num_tokens

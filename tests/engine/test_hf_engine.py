@@ -4,7 +4,7 @@ from rlhf.config import Config
 from rlhf.engine import SamplingParams
 from rlhf.engine.hf import HFEngine, split_completions
 from rlhf.models.loading import load_causal_lm
-from rlhf.models.logprobs import collate, completion_logprobs
+from rlhf.models.logprobs import sample_logprobs
 
 
 def test_split_completions_cuts_after_first_eos():
@@ -27,7 +27,7 @@ def test_generate_groups_lengths_and_sampler_logps(tiny_model_dir, tokenizer):
         assert tokenizer.eos_token_id not in comp[:-1]
     # sampler log-probs equal the trainer's log-probs at the same temperature
     with torch.no_grad():
-        logp, _ = completion_logprobs(model.eval(), collate(out.prompt_ids, out.completion_ids, tokenizer.pad_token_id), 0.9)
+        logp, _ = sample_logprobs(model.eval(), out.prompt_ids, out.completion_ids, tokenizer.pad_token_id, temperature=0.9)
     for i, comp in enumerate(out.completion_ids):
         assert torch.allclose(torch.tensor(out.sampler_logps[i]), logp[i, : len(comp)], atol=1e-4)
 
@@ -40,3 +40,21 @@ def test_greedy_is_deterministic(tiny_model_dir, tokenizer):
     a = engine.generate([[7, 8]], n=2, sampling=SamplingParams(max_new_tokens=5, greedy=True))
     b = engine.generate([[7, 8]], n=1, sampling=SamplingParams(max_new_tokens=5, greedy=True))
     assert a.completion_ids[0] == a.completion_ids[1] == b.completion_ids[0]
+
+
+def test_bf16_generation_copy_follows_the_policy(tiny_model_dir, tokenizer):
+    model = load_causal_lm(str(tiny_model_dir))
+    cfg = Config()
+    cfg.model.compute_dtype = "bf16"
+    engine = HFEngine(model, tokenizer, cfg)
+    assert engine.copy_weights and next(engine.model.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    name, p = next(iter(model.named_parameters()))
+    assert not torch.equal(dict(engine.model.named_parameters())[name].float(), p.to(torch.bfloat16).float())
+    engine.update_weights(model)
+    for name, p in model.named_parameters():
+        assert torch.equal(dict(engine.model.named_parameters())[name], p.to(torch.bfloat16)), name
+    out = engine.generate([[7, 8]], n=2, sampling=SamplingParams(max_new_tokens=4))
+    assert len(out) == 2

@@ -11,7 +11,7 @@ from rlhf.algos.dapo import overlong_penalty
 from rlhf.algos.natural import assign_flat_, backtracking_line_search, categorical_kl_NT, natural_step
 from rlhf.config import ConfigError, load_config
 from rlhf.logging import PhaseTimer
-from rlhf.models.logprobs import completion_logits
+from rlhf.models.logprobs import sample_log_softmax
 from rlhf.trainers import Trainer
 from rlhf.trainers.updates import BatchUpdater
 
@@ -117,12 +117,12 @@ def test_two_optimizer_steps_for_every_valid_combination(tiny_cfg, rewards, adva
 def batch_kl(old_model, new_model, trainer, exp) -> float:
     """Mean over completion tokens of the exact KL(pi_old || pi_new), measured independently of the trainer."""
     dev = next(new_model.parameters()).device
-    tok = exp.tokens(trainer.tokenizer.pad_token_id, dev)
-    with torch.no_grad():
-        old = torch.log_softmax(completion_logits(old_model, tok).float(), -1)
-        new = torch.log_softmax(completion_logits(new_model, tok).float(), -1)
-    mask = exp.mask_NT.to(dev)
-    return float((categorical_kl_NT(old, new) * mask).sum() / mask.sum())
+    with torch.no_grad():  # one row per sample (no prompt sharing): a layout independent of the trainer's
+        old, _ = sample_log_softmax(old_model, exp.prompt_ids, exp.completion_ids, trainer.tokenizer.pad_token_id,
+                                    device=dev, pack_prompts=False)
+        new, _ = sample_log_softmax(new_model, exp.prompt_ids, exp.completion_ids, trainer.tokenizer.pad_token_id,
+                                    device=dev, pack_prompts=False)
+    return float(categorical_kl_NT(old, new).mean())  # every packed token is a completion token
 
 
 def test_trpo_step_keeps_the_measured_kl_within_delta(tiny_cfg, rewards):

@@ -2,32 +2,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from rlhf.config import ConfigError
 from rlhf.logging import read_jsonl
 from rlhf.trainers import Trainer
 
 REQUIRED = ["step", "reward/mean", "reward/std", "kl", "loss", "completion/len_mean", "time/step_s", "time/generate_s", "time/train_s"]
-
-YES_REWARD = '''
-def yes_fraction(prompts, completions, completion_ids, **kwargs):
-    """Dense toy reward: the fraction of completion words that are 'yes'."""
-    out = []
-    for c in completions:
-        text = c if isinstance(c, str) else c[-1]["content"]
-        words = text.split()
-        out.append(sum(w == "yes" for w in words) / max(1, len(words)))
-    return out
-'''
-
-
-@pytest.fixture
-def yes_reward(tmp_path):
-    path = tmp_path / "yes_reward.py"
-    path.write_text(YES_REWARD)
-    return f"reward.functions=[{{fn: '{path}:yes_fraction'}}]"
-
 
 def params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -111,21 +91,3 @@ def spy(prompts, completions, completion_ids, target, level, **kwargs):
 def test_critic_estimator_rejected_before_loading(tiny_cfg):
     with pytest.raises(ConfigError, match="algo.advantage=gae needs a critic"):
         Trainer(tiny_cfg("algo.advantage=gae"))
-
-
-def test_resume_continues_exactly(tiny_cfg, yes_reward, tmp_path):
-    straight = Trainer(tiny_cfg(yes_reward, "train.steps=4", f"output_dir={tmp_path}/a"))
-    rec_a = straight.train()
-    first = Trainer(tiny_cfg(yes_reward, "train.steps=4", f"output_dir={tmp_path}/b", "checkpoint.every=2"))
-    first.cfg.train.steps = 2  # stop after 2 steps (the schedule still spans 4)
-    first.train()
-    second = Trainer(tiny_cfg(yes_reward, "train.steps=4", f"output_dir={tmp_path}/b", "checkpoint.resume=latest"))
-    second.train()
-    rec_b = read_jsonl(tmp_path / "b" / "metrics.jsonl")
-    assert [r["step"] for r in rec_b] == [1, 2, 3, 4]
-    for a, b in zip(rec_a, rec_b):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["reward/mean"] == b["reward/mean"]
-    pa, pb = params(straight.unwrapped), params(second.unwrapped)
-    assert all(torch.allclose(pa[n], pb[n], atol=1e-5) for n in pa)
-    latest = (tmp_path / "b" / "checkpoints" / "latest").read_text().strip()
-    assert latest == "step_000004" and load_file(tmp_path / "b" / "checkpoints" / latest / "trainable.safetensors")
