@@ -98,12 +98,44 @@ class KLConfig:
 
 
 @dataclass
+class NaturalConfig:
+    max_kl: float = opt(0.01, "delta: KL budget of one npg/trpo step, the mean over tokens of KL(pi_old || pi)")
+    cg_iters: int = opt(10, "conjugate-gradient iterations solving F x = g (npg, trpo)")
+    damping: float = opt(0.1, "added to the Fisher diagonal, F + damping I, for a stable CG solve (npg, trpo)")
+    fisher_samples: int = opt(0, "sequences per process in the Fisher-vector products (0: all); fewer is faster "
+                                 "(Schulman et al. 2015 used 10% of the batch); their double-backprop graph is kept for CG")
+    backtrack_coef: float = opt(0.5, "trpo line search: factor the step shrinks by after each rejected try")
+    max_backtracks: int = opt(10, "trpo line search: shrinkings tried after the full step before keeping the old policy")
+
+
+@dataclass
+class MDPOConfig:
+    eta: float = opt(1.0, "mirror-descent step size: algo.update=mdpo adds (1/eta) KL(pi || pi_old) to the loss")
+
+
+@dataclass
+class DynamicSamplingConfig:
+    enabled: bool = opt(False, "DAPO dynamic sampling: drop groups whose rewards are all equal (no gradient) and "
+                               "generate more prompts until train.prompts_per_step groups remain")
+    max_extra_rounds: int = opt(3, "at most this many extra generation rounds per step; groups still missing "
+                                   "are filled with dropped ones")
+
+
+@dataclass
+class OverlongConfig:
+    buffer: int = opt(0, "DAPO soft overlong punishment: completions longer than max_new_tokens - buffer lose "
+                         "up to `penalty` linearly, reaching it at max_new_tokens (0: off)")
+    penalty: float = opt(1.0, "the overlong penalty at max_new_tokens")
+
+
+@dataclass
 class AlgoConfig:
     advantage: str = opt("grpo", "advantage estimator (rlhf.algos.ADVANTAGES)")
     policy_loss: str = opt("ppo_clip", "policy objective (rlhf.algos.POLICY_LOSSES)")
     loss_agg: str = opt("token_mean", "loss aggregation (rlhf.algos.LOSS_AGGREGATIONS)")
-    eps_low: float = opt(0.2, "PPO clip range below 1 (ratio >= 1 - eps_low)")
-    eps_high: float = opt(0.2, "PPO clip range above 1 (ratio <= 1 + eps_high); DAPO uses 0.28")
+    update: str = opt("adamw", "update rule (rlhf.algos.UPDATES): adamw, mdpo, npg or trpo")
+    eps_low: float = opt(0.2, "PPO clip range below 1 (ratio >= 1 - eps_low); gspo uses ~3e-4")
+    eps_high: float = opt(0.2, "PPO clip range above 1 (ratio <= 1 + eps_high); DAPO uses 0.28, gspo ~4e-4")
     dual_clip: Optional[float] = opt(None, "dual-clip constant c > 1 for negative advantages (None: off)")
     std_eps: float = opt(1e-4, "added to the group std before dividing (grpo)")
     gamma: float = opt(1.0, "discount factor for per-token returns")
@@ -114,7 +146,12 @@ class AlgoConfig:
         "none, token_truncate, token_mask or seq_mask"
     )
     is_cap: float = opt(2.0, "cap C on the ratio pi_old/pi_sampler for is_correction (> 1)")
+    mask_truncated: bool = opt(False, "exclude completions cut at generation.max_new_tokens (no EOS) from the loss (DAPO)")
     kl: KLConfig = opt(KLConfig(), "KL penalty to the reference policy")
+    natural: NaturalConfig = opt(NaturalConfig(), "natural-gradient updates (algo.update=npg or trpo)")
+    mdpo: MDPOConfig = opt(MDPOConfig(), "mirror-descent updates (algo.update=mdpo)")
+    dynamic_sampling: DynamicSamplingConfig = opt(DynamicSamplingConfig(), "DAPO dynamic sampling")
+    overlong: OverlongConfig = opt(OverlongConfig(), "DAPO soft overlong punishment")
 
 
 @dataclass
@@ -259,8 +296,22 @@ class Config:
         if a.dual_clip is not None and a.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1, got {a.dual_clip}")
         self._validate_log_and_eval()
-        if a.is_cap <= 1:
-            raise ConfigError(f"algo.is_cap must be > 1, got {a.is_cap}")
+        for key, ok, rule in [
+            ("algo.eps_low", a.eps_low >= 0, ">= 0 (>= 1: no lower clip, as CISPO)"), ("algo.eps_high", a.eps_high >= 0, ">= 0"),
+            ("algo.std_eps", a.std_eps >= 0, ">= 0"), ("algo.gamma", 0 <= a.gamma <= 1, "in [0, 1]"),
+            ("algo.lam", 0 <= a.lam <= 1, "in [0, 1]"), ("algo.n_step", a.n_step >= 1, ">= 1"),
+            ("algo.natural.max_kl", a.natural.max_kl > 0, "> 0"), ("algo.natural.cg_iters", a.natural.cg_iters >= 1, ">= 1"),
+            ("algo.natural.damping", a.natural.damping >= 0, ">= 0"),
+            ("algo.natural.fisher_samples", a.natural.fisher_samples >= 0, ">= 0"),
+            ("algo.natural.backtrack_coef", 0 < a.natural.backtrack_coef < 1, "in (0, 1)"),
+            ("algo.natural.max_backtracks", a.natural.max_backtracks >= 0, ">= 0"),
+            ("algo.mdpo.eta", a.mdpo.eta > 0, "> 0"),
+            ("algo.dynamic_sampling.max_extra_rounds", a.dynamic_sampling.max_extra_rounds >= 0, ">= 0"),
+            ("algo.overlong.buffer", 0 <= a.overlong.buffer <= g.max_new_tokens, f"in [0, generation.max_new_tokens={g.max_new_tokens}]"),
+            ("algo.overlong.penalty", a.overlong.penalty >= 0, ">= 0"), ("algo.is_cap", a.is_cap > 1, "> 1"),
+        ]:
+            if not ok:
+                raise ConfigError(f"{key} must be {rule}, got {_get(self, key)}")
         if not self.reward.functions:
             raise ConfigError("reward.functions is empty: give at least one reward function")
         for i, spec in enumerate(self.reward.functions):
@@ -274,6 +325,7 @@ class Config:
             ("algo.loss_agg", algos.LOSS_AGGREGATIONS),
             ("algo.kl.estimator", algos.KL_ESTIMATORS),
             ("algo.is_correction", algos.IS_CORRECTIONS),
+            ("algo.update", algos.UPDATES),
         ):
             name = _get(self, key)
             try:

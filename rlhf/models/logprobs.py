@@ -175,3 +175,23 @@ def sample_logprobs(model: torch.nn.Module, prompt_ids: list[list[int]], complet
     """
     pb = pack(prompt_ids, completion_ids, pad_id, share_prompts=pack_prompts)
     return packed_logprobs(model, pb, temperature, compute_dtype, device)
+
+
+def sample_log_softmax(model: torch.nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, *,
+                       temperature: float = 1.0, compute_dtype: str = "fp32", device=None,
+                       pack_prompts: bool = True) -> tuple[Tensor, PackedBatch]:
+    """(logp_MV, packed batch): the full log-softmax over the vocabulary for every completion token m
+    (token m is sample `pb.sample_M[m]`, position `pb.pos_M[m]`, id `pb.target_M[m]`), in fp32.
+
+    Differentiable to any order, for the exact KL and its Fisher-vector products
+    (`rlhf.algos.natural`): attention runs on PyTorch's math kernel, the only one with a
+    double backward. Memory: one fp32 [M, V] tensor, so keep micro-batches small.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    pb = pack(prompt_ids, completion_ids, pad_id, share_prompts=pack_prompts)
+    device = device or pb.input_ids_RL.device
+    with autocast(compute_dtype, device), sdpa_kernel([SDPBackend.MATH]):
+        logits = model(**model_inputs(model, pb, compute_dtype, device)).logits
+    logits_MV = logits.reshape(-1, logits.shape[-1])[pb.row_M.to(device)]
+    return torch.log_softmax(logits_MV.float() / temperature, -1), pb

@@ -21,8 +21,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from rlhf import algos
-from rlhf.algos import AdvantageInputs, LossNormalizer
-from rlhf.config import Config, ConfigError, to_dict
+from rlhf.algos import AdvantageInputs
+from rlhf.algos.combos import check_combination
+from rlhf.config import Config, to_dict
 from rlhf.data import PromptSource, load_prompt_dataset
 from rlhf.engine import ENGINES, SamplingParams
 from rlhf.logging import JsonlWriter, PhaseTimer, Progress, quiet_repeated_warnings, warn_about_step
@@ -35,15 +36,13 @@ from rlhf.trainers.experience import Experience, completion_mask, pad_rows, scor
 from rlhf.trainers.guards import NonFiniteGradients, Preemption
 from rlhf.trainers.optim import build_optimizer, build_scheduler
 from rlhf.trackers import Trackers, make_accelerator
+from rlhf.trainers.sampling import collect
+from rlhf.trainers.updates import BatchUpdater
 
 
 def check_algorithm(cfg: Config, has_critic: bool = False) -> None:
-    """Reject invalid combinations before any model is loaded."""
-    meta = algos.ADVANTAGES.meta(cfg.algo.advantage)
-    if meta.get("needs_values") and not has_critic:
-        raise ConfigError(f"algo.advantage={cfg.algo.advantage} needs a critic (values); use the PPO trainer or a critic-free estimator")
-    if cfg.algo.policy_loss == "pg" and cfg.train.updates_per_batch > 1:
-        raise ConfigError("algo.policy_loss=pg is on-policy only: set train.updates_per_batch=1 or use ppo_clip")
+    """Reject invalid combinations before any model is loaded (rules in `rlhf.algos.combos`)."""
+    check_combination(cfg, has_critic)
 
 
 class Trainer:
@@ -89,6 +88,7 @@ class Trainer:
         self.is_fn = algos.IS_CORRECTIONS.get(cfg.algo.is_correction)
         # sampler log-probs: needed by an IS correction, and free from engines that declare them (gap metric)
         self.want_sampler_logps = cfg.algo.is_correction != "none" or ENGINES.meta(g.engine).get("sampler_logps", False)
+        self.update_fn = algos.UPDATES.get(cfg.algo.update)
         self.state = {"step": 0, "opt_step": 0}
         self.nonfinite = NonFiniteGradients(self.state, cfg.train.max_skipped_steps)
         # Everything a checkpoint saves and a resume restores; other trainers add theirs (critic, KL controller).
@@ -141,20 +141,14 @@ class Trainer:
 
     def make_experience(self, timer: PhaseTimer) -> tuple[Experience, dict]:
         cfg, G = self.cfg, self.cfg.train.samples_per_prompt
-        with timer("generate"):
-            batch = self.prompts.batch(cfg.train.prompts_per_step, self.acc.process_index, self.acc.num_processes)
-            rollouts = self.engine.generate(batch.prompt_ids, G, self.sampling, return_logps=self.want_sampler_logps)
-            self.engine.sleep()  # frees the GPU for training where the engine supports it
-        with timer("reward"):
-            texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-            prompts_N = [p for p in batch.prompts for _ in range(G)]
-            completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts_N, texts)]
-            columns = {k: [v for v in vals for _ in range(G)] for k, vals in batch.columns.items()}
-            result = self.rewards(prompts_N, completions, rollouts.completion_ids, columns)
-        mask_NT = completion_mask(rollouts.completion_ids)
-        exp = Experience(rollouts.prompt_ids, rollouts.completion_ids, mask_NT, result.scores_N)
-        if rollouts.sampler_logps is not None:
-            exp.sampler_logp_NT = pad_rows(rollouts.sampler_logps, mask_NT.shape[1])
+        samples, reward_stats, sampling_metrics = collect(self, timer)  # generate + reward (+ DAPO shaping)
+        self.engine.sleep()  # frees the GPU for training where the engine supports it
+        mask_NT = completion_mask(samples.completion_ids)
+        exp = Experience(samples.prompt_ids, samples.completion_ids, mask_NT, samples.scores_N)
+        if samples.sampler_logps is not None:
+            exp.sampler_logp_NT = pad_rows(samples.sampler_logps, mask_NT.shape[1])
+        if cfg.algo.mask_truncated:  # completions cut at max_new_tokens take no part in the loss
+            exp.loss_mask_NT = mask_NT * torch.tensor(samples.finished, dtype=mask_NT.dtype).unsqueeze(-1)
         with timer("logprob"):
             # Old log-probs are otherwise taken from the first update pass, before any optimizer step.
             if cfg.algo.kl.placement == "in_reward":
@@ -168,93 +162,18 @@ class Trainer:
             rewards_NT = rewards_NT - cfg.algo.kl.coef * kl_NT
             kl_reward = float((kl_NT.sum() / mask_NT.sum().clamp(min=1)))
         exp.adv_NT, exp.ret_NT = self.adv_fn(AdvantageInputs(rewards_NT, mask_NT, G, exp.values_NT), cfg.algo)
-        info = {"texts": texts, "prompts": prompts_N, "per_fn": result.per_fn, "reward_stats": result.stats,
-                "finished": rollouts.finished, "kl_reward": kl_reward}
+        info = {"texts": samples.texts, "prompts": samples.prompts, "per_fn": samples.per_fn, "reward_stats": reward_stats,
+                "finished": samples.finished, "kl_reward": kl_reward, "sampling": sampling_metrics}
         return exp, info
-
-    def update(self, exp: Experience) -> list[dict]:
-        """updates_per_batch passes over the batch, one optimizer step each; returns per-step stats."""
-        cfg, acc = self.cfg, self.acc
-        rows = list(range(len(exp)))
-        norm = LossNormalizer(
-            num_tokens=max(1.0, self._reduce_sum(exp.mask_NT.sum())), num_seqs=self._reduce_sum(len(exp)),
-            max_tokens=float(cfg.generation.max_new_tokens),
-        )
-        beta = cfg.algo.kl.coef if cfg.algo.kl.placement == "in_loss" else 0.0
-        capture_old = exp.old_logp_NT is None and cfg.train.updates_per_batch > 1
-        if capture_old:
-            exp.old_logp_NT = torch.zeros_like(exp.mask_NT)
-        out = []
-        gap_sum, gap_max = 0.0, 0.0  # sampler vs trainer log-probs, from the first pass (pre-update weights)
-        for epoch in range(cfg.train.updates_per_batch):
-            sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
-            extra: dict[str, float] = {}
-            chunks = self._chunks(rows)
-            for k, chunk in enumerate(chunks):
-                mb = exp.select(chunk)
-                sync = acc.no_sync(self.model) if k < len(chunks) - 1 else contextlib.nullcontext()
-                with sync:
-                    logp_NT, ent_NT = self._forward(self.model, mb)
-                    dev = logp_NT.device
-                    mask_NT, adv_NT = mb.mask_NT.to(dev), mb.adv_NT.to(dev)
-                    if mb.old_logp_NT is None or (capture_old and epoch == 0):
-                        old_NT = logp_NT.detach()  # no optimizer step yet on this batch: pi_old = pi
-                        if capture_old:
-                            exp.old_logp_NT[chunk, : old_NT.shape[1]] = old_NT.float().cpu()
-                    else:
-                        old_NT = mb.old_logp_NT.to(dev)
-                    loss_NT, stats = self.loss_fn(logp_NT, old_NT, adv_NT, mask_NT, cfg.algo)
-                    if mb.sampler_logp_NT is not None:
-                        sampler_NT = mb.sampler_logp_NT.to(dev)
-                        weight_NT, is_stats = self.is_fn(old_NT, sampler_NT, mask_NT, cfg.algo.is_cap)
-                        loss_NT, stats = loss_NT * weight_NT, {**stats, **is_stats}
-                        if epoch == 0:
-                            g_sum, g_max = algos.logp_gap(old_NT, sampler_NT, mask_NT)
-                            gap_sum, gap_max = gap_sum + float(g_sum), max(gap_max, float(g_max))
-                    if beta > 0:
-                        kl_NT = self.kl_fn(logp_NT, mb.ref_logp_NT.to(dev))
-                        loss_NT = loss_NT + beta * kl_NT
-                        sums["kl"] += float((kl_NT.detach() * mask_NT).sum())
-                    # DDP averages gradients over processes; the normaliser is already global.
-                    loss = self.agg_fn(loss_NT, mask_NT, norm) * acc.num_processes
-                    acc.backward(loss)
-                n_tok = float(mask_NT.sum())
-                sums["loss"] += float(loss.detach()) / acc.num_processes
-                sums["entropy"] += float((ent_NT * mask_NT).sum())
-                sums["tokens"] += n_tok
-                for key, v in stats.items():
-                    extra[key] = extra.get(key, 0.0) + float(v) * n_tok
-            grad_norm = self._clip_and_step()
-            record = {"loss": self._reduce_sum(sums["loss"]), "grad_norm": grad_norm,
-                      "lr": self.scheduler.get_last_lr()[0], "entropy": self._reduce_sum(sums["entropy"]) / norm.num_tokens}
-            record["kl"] = self._reduce_sum(sums["kl"]) / norm.num_tokens if beta > 0 else None
-            for key, v in extra.items():
-                record[key] = self._reduce_sum(v) / norm.num_tokens
-            if exp.sampler_logp_NT is not None:
-                record["engine/logp_gap_mean"] = self._reduce_sum(gap_sum) / norm.num_tokens
-                record["engine/logp_gap_max"] = float(self.acc.gather(torch.tensor([gap_max], device=acc.device)).max())
-            out.append(record)
-        return out
-
-    def _clip_and_step(self) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.cfg.train.max_grad_norm
-        grad_norm = self.acc.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        grad_norm = float(grad_norm)
-        if self.nonfinite.record(grad_norm):  # a NaN/inf gradient never reaches the weights
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state["opt_step"] += 1
-        return grad_norm
 
     def step(self) -> list[dict]:
         """One RL step; returns the metrics records written (one per optimizer step)."""
         cfg, G = self.cfg, self.cfg.train.samples_per_prompt
         timer, t0 = PhaseTimer(), time.perf_counter()
         exp, info = self.make_experience(timer)
-        with timer("train"):
-            updates = self.update(exp)
+        with timer("train"):  # the update rule (algo.update) moves the policy on this batch
+            updates = self.update_fn(BatchUpdater(self, exp), cfg.algo)
+        self.state["opt_step"] += len(updates)
         with timer("sync"):
             self.engine.wake()
             self.engine.update_weights(self.unwrapped)
@@ -280,6 +199,7 @@ class Trainer:
         batch_metrics.update({k: self._reduce_sum(v) for k, v in info["reward_stats"].items() if k.endswith(("unscored", "errors", "timeouts"))})
         if info["kl_reward"] is not None:
             batch_metrics["kl_in_reward"] = info["kl_reward"]
+        batch_metrics.update(info["sampling"])
         # The first record of a step carries the step's timings; later ones (updates_per_batch > 1) carry 0.
         times = {f"time/{k}_s": v for k, v in timer.seconds.items()}
         times["time/step_s"] = time.perf_counter() - t0

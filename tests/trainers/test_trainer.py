@@ -6,6 +6,7 @@ import torch
 from rlhf.config import ConfigError
 from rlhf.logging import PhaseTimer, read_jsonl
 from rlhf.trainers import Trainer
+from rlhf.trainers.updates import BatchUpdater
 
 REQUIRED = ["step", "reward/mean", "reward/std", "kl", "loss", "completion/len_mean", "time/step_s", "time/generate_s", "time/train_s"]
 
@@ -98,7 +99,7 @@ def test_old_logprobs_are_taken_from_the_first_pass(tiny_cfg, yes_reward):
     exp, _ = trainer.make_experience(PhaseTimer())
     assert exp.old_logp_NT is None  # no separate old-log-prob pass
     explicit = trainer._logprobs(exp, reference=False)
-    records = trainer.update(exp)
+    records = trainer.update_fn(BatchUpdater(trainer, exp), trainer.cfg.algo)
     assert torch.allclose(exp.old_logp_NT, explicit, atol=1e-5)
     assert records[0]["clipfrac"] == 0.0 and len(records) == 3  # pass 1 is exactly on-policy
 
