@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
-SETTINGS = dict(model="smollm2-135m-instruct", prompts_per_step=2, samples_per_prompt=8, max_new_tokens=32,
+SETTINGS = dict(model=os.environ.get("RLHF_BENCH_MODEL", "smollm2-135m-instruct"), prompts_per_step=2, samples_per_prompt=8, max_new_tokens=32,
                 kl_coef=0.04, lr=2e-5, updates_per_batch=1, full_finetune=True)
 
 
@@ -31,11 +32,15 @@ def matmul_gflops(dtype_name: str, n: int = 2048, reps: int = 5) -> float:
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
     a @ b
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync()
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
@@ -54,7 +59,7 @@ def run_rlhf(steps: int, warmup: int, out_dir: str, extra: list[str]) -> dict:
         f"train.samples_per_prompt={s['samples_per_prompt']}", f"generation.max_new_tokens={s['max_new_tokens']}",
         f"algo.kl.coef={s['kl_coef']}", f"train.lr={s['lr']}", f"train.updates_per_batch={s['updates_per_batch']}",
         f"train.steps={steps + warmup}", f"output_dir={out_dir}", "log.progress=false", "checkpoint.save_final=false",
-        "train.micro_batch_size=16", *extra,
+        "train.micro_batch_size=16", "log.trackers=[]", *extra,
     ])
     trainer = Trainer(cfg)
     params = sum(p.numel() for p in trainer.unwrapped.parameters())
@@ -97,14 +102,14 @@ def run_trl(steps: int, warmup: int, out_dir: str, gradient_checkpointing: bool 
         output_dir=out_dir, per_device_train_batch_size=s["prompts_per_step"] * s["samples_per_prompt"],
         num_generations=s["samples_per_prompt"], max_completion_length=s["max_new_tokens"], learning_rate=s["lr"],
         beta=s["kl_coef"], num_iterations=s["updates_per_batch"], max_steps=steps + warmup, logging_steps=1,
-        report_to="none", save_strategy="no", use_cpu=True, seed=0, **kw,
+        report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(), seed=0, **kw,
     )
 
     def reward(completions, answer, **kwargs):
         return first_number_matches(completions, answer)
 
     trainer = GRPOTrainer(model=str(resolve_model_path(s["model"])), reward_funcs=[reward], args=args,
-                          train_dataset=TASKS.get("arithmetic")("train"))
+                          train_dataset=TASKS.get("arithmetic")("train"), callbacks=[StepTimer()])
     trainer.train()
     step_s = statistics.mean(times[warmup:])
     return {"step_s": step_s, "samples_per_s": s["prompts_per_step"] * s["samples_per_prompt"] / step_s,
@@ -140,12 +145,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--no-trl", action="store_true", help="time rlhf only")
     p.add_argument("--out", default="runs/bench", help="scratch directory for the runs")
+    p.add_argument("--model", default=SETTINGS["model"], help="model for both frameworks (a name or a local directory)")
     p.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra rlhf config overrides (key=value)")
     a = p.parse_args(argv)
     if a.worker:
         _worker(a.worker)
         return {}
+    SETTINGS["model"] = os.environ["RLHF_BENCH_MODEL"] = a.model  # the workers read it
     result: dict = {"settings": SETTINGS, "steps": a.steps, "warmup": a.warmup}
     result["matmul_gflops"] = {d: round(matmul_gflops(d), 1) for d in ("bf16", "fp32")}
     result["rlhf"] = _spawn(["rlhf", str(a.steps), str(a.warmup), f"{a.out}/rlhf", *a.overrides])
