@@ -40,7 +40,8 @@ def test_scorer_is_cached_per_path_and_options(trained_rm):
     a = load_reward_fn(f"reward_model:{run_dir}?dtype=fp32")
     assert load_reward_fn(f"reward_model:{run_dir}/final?dtype=fp32") is a  # a run dir resolves to its final/
     assert load_reward_fn(f"reward_model:{run_dir}?dtype=fp32&batch_size=3") is not a
-    assert next(a.model.parameters()).dtype == torch.float32 and a.device.type == "cpu"
+    assert next(a.model.parameters()).dtype == torch.float32
+    assert a.device.type == ("cuda" if torch.cuda.is_available() else "cpu")  # device=auto
 
 
 def test_standard_prompts_render_as_plain_text(trained_rm):

@@ -22,7 +22,8 @@ def score_pairs(model, tokenizer, rows):
     prompts = [r["prompt"] for r in rows]
     seqs = encode(tokenizer, prompts, [r["chosen"] for r in rows]) + encode(tokenizer, prompts, [r["rejected"] for r in rows])
     with torch.no_grad():
-        s = score_sequences(model.eval(), seqs, tokenizer.pad_token_id, "cpu", "fp32").tolist()
+        device = next(model.parameters()).device
+        s = score_sequences(model.eval(), seqs, tokenizer.pad_token_id, device, "fp32").tolist()
     return s[: len(rows)], s[len(rows):]
 
 
