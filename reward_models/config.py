@@ -33,6 +33,7 @@ class RMTrainConfig:
     steps: int = opt(100, "optimizer steps (the training pairs are cycled through in seeded epochs)")
     pairs_per_step: int = opt(16, "preference pairs per optimizer step (all processes together)")
     micro_batch_size: int = opt(16, "pairs per forward/backward on one process (each pair is 2 sequences)")
+    pack_pairs: bool = opt(True, "chosen and rejected share one row and one copy of their common prefix (same scores, fewer tokens)")
     lr: float = opt(1e-4, "peak learning rate")
     lr_schedule: Literal["constant", "linear", "cosine"] = opt("linear", "decay after warmup")
     warmup_steps: int = opt(0, "linear warmup, in optimizer steps")

@@ -3,7 +3,7 @@
 One optimizer step, top to bottom (see `RewardModelTrainer.step`):
 
     pairs_per_step pairs (seeded epochs; each process takes its slice)
-    -> per micro-batch: one forward over its 2M sequences (chosen then rejected) -> r_chosen_M, r_rejected_M
+    -> per micro-batch: one forward over chosen and rejected (packed: one row per pair) -> r_chosen_M, r_rejected_M
     -> loss = mean_M -logsigmoid(r_chosen - r_rejected - margin)  [+ coef * mean (r_chosen + r_rejected)^2]
     -> backward, clip, optimizer step -> metrics.jsonl (loss, accuracy, margin, lr, grad norm)
 
@@ -27,6 +27,7 @@ from accelerate.utils import set_seed
 from reward_models.config import RewardModelConfig
 from reward_models.data import PreferencePairs, build_pairs, load_splits
 from reward_models.model import load_reward_model, save_reward_model, score_sequences
+from reward_models.packing import pack_pairs, packed_pair_scores
 from rlhf.config import to_dict
 from rlhf.logging import JsonlWriter
 from rlhf.models.loading import load_tokenizer
@@ -99,9 +100,13 @@ class RewardModelTrainer:
         return out[self.acc.process_index * per: (self.acc.process_index + 1) * per]
 
     def pair_scores(self, model: torch.nn.Module, pairs: PreferencePairs, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r_chosen_M, r_rejected_M) for pairs `idx`, from one forward over chosen and rejected together."""
-        seqs = [pairs.chosen_ids[i] for i in idx] + [pairs.rejected_ids[i] for i in idx]
-        scores_B = score_sequences(model, seqs, self.tokenizer.pad_token_id, self.acc.device, self.cfg.model.compute_dtype)
+        """(r_chosen_M, r_rejected_M) for pairs `idx`, from one forward over chosen and rejected together
+        (packed: one row per pair sharing the common prefix; else 2M padded rows)."""
+        chosen, rejected = [pairs.chosen_ids[i] for i in idx], [pairs.rejected_ids[i] for i in idx]
+        pad, device, dtype = self.tokenizer.pad_token_id, self.acc.device, self.cfg.model.compute_dtype
+        if self.cfg.train.pack_pairs:
+            return packed_pair_scores(model, pack_pairs(chosen, rejected, pad), device, dtype)
+        scores_B = score_sequences(model, chosen + rejected, pad, device, dtype)
         return scores_B[: len(idx)], scores_B[len(idx):]
 
     # ------------------------------------------------------------------ the step

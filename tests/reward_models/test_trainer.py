@@ -111,3 +111,15 @@ def test_margin_column_enters_the_eval_loss(tiny_model_dir, tmp_path):
 def test_config_errors_name_the_key(tiny_model_dir, separable_jsonl, tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
         load_rm_config(None, rm_overrides(tiny_model_dir, separable_jsonl, tmp_path, override)).validate()
+
+
+def test_packed_and_unpacked_training_agree(tiny_model_dir, separable_jsonl, tmp_path):
+    runs = {}
+    for pack in ("true", "false"):
+        cfg = load_rm_config(None, rm_overrides(tiny_model_dir, separable_jsonl, tmp_path / pack, f"train.pack_pairs={pack}",
+                                                "train.steps=2", "eval.every=0", "save.final=false"))
+        runs[pack] = RewardModelTrainer(cfg).train()
+    for a, b in zip(runs["true"], runs["false"]):
+        for key in ("loss", "accuracy", "margin", "eval/loss", "eval/accuracy"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-4), key
