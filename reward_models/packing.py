@@ -1,16 +1,16 @@
-"""Pair packing: a preference pair's chosen and rejected go through the model in ONE row with ONE copy of
-their shared beginning (the prompt, rendered: system message, question, chat markup).
+"""Shared-prefix packing for scoring: sequences that begin alike (a pair's chosen and rejected, or the
+G completions of one prompt) go through the model in ONE row with ONE copy of their common beginning
+(the rendered prompt: system message, question, chat markup).
 
 Row layout (right-padded):
 
-    [prefix | chosen suffix | rejected suffix | pad..]
+    [prefix | suffix_1 | suffix_2 | ... | suffix_k | pad..]
 
-A block attention mask lets each suffix see the prefix and itself (causally), never the other
+A block attention mask lets each suffix see the prefix and itself (causally), never another
 suffix; position ids of each suffix continue from the prefix, so every token has exactly the
 context and position it has in the unpacked sequence, and the scores are the same. The score
 head's per-token output is read where transformers' sequence classifiers read it: at the last
-token that is not the pad token. Cost per pair drops from 2 x (prefix + suffix) tokens to
-prefix + 2 x suffix tokens.
+token that is not the pad token. Cost drops from k x (prefix + suffix) tokens to prefix + k x suffix.
 """
 from __future__ import annotations
 
@@ -24,19 +24,19 @@ from rlhf.models.precision import autocast
 
 
 @dataclass
-class PackedPairs:
+class PackedGroups:
     input_ids_RL: Tensor
     position_ids_RL: Tensor
     visible_RLL: Tensor  # bool: query l may attend to key l'
-    chosen_col_R: Tensor  # column where each row's chosen score is read
-    rejected_col_R: Tensor  # column where each row's rejected score is read
+    row_N: Tensor  # for each sequence (groups flattened in order): its row
+    col_N: Tensor  # and the column where its score is read
 
 
-def shared_prefix_len(a: list[int], b: list[int]) -> int:
-    """Length of the common beginning of a and b, leaving at least one token of each outside it."""
-    n = min(len(a), len(b)) - 1
+def shared_prefix_len(seqs: list[list[int]]) -> int:
+    """Length of the common beginning of `seqs`, leaving at least one token of each outside it."""
+    n = min(len(s) for s in seqs) - 1
     k = 0
-    while k < n and a[k] == b[k]:
+    while k < n and all(s[k] == seqs[0][k] for s in seqs[1:]):
         k += 1
     return k
 
@@ -46,35 +46,33 @@ def last_scored(seq: list[int], pad_id: int) -> int:
     return next((i for i in range(len(seq) - 1, -1, -1) if seq[i] != pad_id), 0)
 
 
-def pack_pairs(chosen_ids: list[list[int]], rejected_ids: list[list[int]], pad_id: int) -> PackedPairs:
-    """One row per pair: shared prefix, chosen suffix, rejected suffix; see the module docstring."""
-    layout = []
-    for c, r in zip(chosen_ids, rejected_ids):
-        k = shared_prefix_len(c, r)
-        layout.append((k, c, r))
-    R = len(layout)
-    L = max(len(c) + len(r) - k for k, c, r in layout)
+def pack_groups(groups: list[list[list[int]]], pad_id: int) -> PackedGroups:
+    """One row per group of non-empty sequences: their shared prefix, then each one's suffix."""
+    prefix = [shared_prefix_len(g) for g in groups]
+    R = len(groups)
+    L = max(k + sum(len(s) - k for s in g) for k, g in zip(prefix, groups))
     ids = torch.full((R, L), pad_id, dtype=torch.long)
     pos = torch.zeros((R, L), dtype=torch.long)
-    seg = torch.full((R, L), -2, dtype=torch.long)  # -1 prefix, 0 chosen, 1 rejected, -2 padding
-    chosen_col, rejected_col = [], []
-    for row, (k, c, r) in enumerate(layout):
-        ids[row, :k] = torch.tensor(c[:k], dtype=torch.long)
+    seg = torch.full((R, L), -2, dtype=torch.long)  # -1 prefix, j >= 0 suffix j, -2 padding
+    row_N, col_N = [], []
+    for row, (k, group) in enumerate(zip(prefix, groups)):
+        ids[row, :k] = torch.tensor(group[0][:k], dtype=torch.long)
         pos[row, :k] = torch.arange(k)
         seg[row, :k] = -1
         start = k
-        for s, seq in enumerate((c, r)):
+        for j, seq in enumerate(group):
             n = len(seq) - k
             ids[row, start: start + n] = torch.tensor(seq[k:], dtype=torch.long)
             pos[row, start: start + n] = torch.arange(k, len(seq))
-            seg[row, start: start + n] = s
-            last = last_scored(seq, pad_id)  # in the prefix (shared column) or in this suffix
-            (chosen_col if s == 0 else rejected_col).append(last if last < k else start + last - k)
+            seg[row, start: start + n] = j
+            last = last_scored(seq, pad_id)  # in the prefix (a shared column) or in this suffix
+            row_N.append(row)
+            col_N.append(last if last < k else start + last - k)
             start += n
     q, kk = seg.unsqueeze(2), seg.unsqueeze(1)
     visible = torch.ones(L, L, dtype=torch.bool).tril() & ((kk == -1) | (kk == q))
     visible |= torch.eye(L, dtype=torch.bool)  # padding attends to itself (no empty softmax)
-    return PackedPairs(ids, pos, visible, torch.tensor(chosen_col), torch.tensor(rejected_col))
+    return PackedGroups(ids, pos, visible, torch.tensor(row_N), torch.tensor(col_N))
 
 
 def score_head(model: torch.nn.Module) -> torch.nn.Module:
@@ -85,14 +83,14 @@ def score_head(model: torch.nn.Module) -> torch.nn.Module:
         head = getattr(base, name, None)
         if isinstance(head, torch.nn.Module):
             return head
-    raise ValueError(f"{type(base).__name__} has no 'score' or 'classifier' head; set train.pack_pairs=false")
+    raise ValueError(f"{type(base).__name__} has no 'score' or 'classifier' head; turn packing off")
 
 
-def packed_pair_scores(model: torch.nn.Module, packed: PackedPairs, device, compute_dtype: str) -> tuple[Tensor, Tensor]:
-    """(r_chosen_M, r_rejected_M), float32, from one forward over the packed rows.
+def packed_scores(model: torch.nn.Module, packed: PackedGroups, device, compute_dtype: str) -> Tensor:
+    """scores_N (float32, groups flattened in order) from one forward over the packed rows.
 
     The model is called as a whole (so DDP synchronises gradients); a forward hook on its score
-    head keeps the per-token scores, from which the two suffix ends are read.
+    head keeps the per-token scores, from which each sequence's score is read.
     """
     captured: list[Tensor] = []
     handle = score_head(model).register_forward_hook(lambda module, args, out: captured.append(out))
@@ -105,5 +103,11 @@ def packed_pair_scores(model: torch.nn.Module, packed: PackedPairs, device, comp
     finally:
         handle.remove()
     scores_RL = captured[-1][..., 0].float()
-    rows = torch.arange(scores_RL.shape[0], device=scores_RL.device)
-    return scores_RL[rows, packed.chosen_col_R.to(scores_RL.device)], scores_RL[rows, packed.rejected_col_R.to(scores_RL.device)]
+    return scores_RL[packed.row_N.to(scores_RL.device), packed.col_N.to(scores_RL.device)]
+
+
+def packed_pair_scores(model: torch.nn.Module, chosen_ids: list[list[int]], rejected_ids: list[list[int]], pad_id: int,
+                       device, compute_dtype: str) -> tuple[Tensor, Tensor]:
+    """(r_chosen_M, r_rejected_M): each pair packed in one row."""
+    scores_N = packed_scores(model, pack_groups([[c, r] for c, r in zip(chosen_ids, rejected_ids)], pad_id), device, compute_dtype)
+    return scores_N[0::2], scores_N[1::2]

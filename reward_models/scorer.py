@@ -8,7 +8,9 @@
 after the colon is a model directory (or a reward-model run directory, whose `final/` is used)
 and optional `?key=value&...` options (`ScorerOptions`). The scorer uses the reward model's own
 tokenizer and chat template: a chat prompt plus its completion is rendered as a conversation,
-exactly as the trainer rendered the preference pairs. Loaded once per (path, options) and cached.
+exactly as the trainer rendered the preference pairs. Consecutive completions of one prompt (a
+GRPO/PPO group) are packed into one row with one copy of the prompt. Loaded once per (path, options)
+and cached.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from reward_models.data import encode
 from reward_models.model import score_sequences
+from reward_models.packing import pack_groups, packed_scores
 from rlhf.config import ConfigError, from_dict, opt, parse_overrides
 
 
@@ -32,6 +35,7 @@ class ScorerOptions:
     max_length: int = opt(1024, "longer inputs keep their last max_length tokens (the completion's end)")
     dtype: Literal["bf16", "fp32"] = opt("bf16", "weights and compute dtype of the reward model")
     device: str = opt("auto", "'auto' (this process's GPU if there is one, else CPU), 'cpu', 'cuda' or 'cuda:N'")
+    pack: bool = opt(True, "completions of the same prompt share one row and one prompt copy (same scores, fewer tokens)")
     trust_remote_code: bool = opt(False, "allow model code from the model directory")
 
 
@@ -81,15 +85,40 @@ class RewardModelScorer:
             if not ids:
                 raise ValueError(f"reward model '{self.path}': sample {i} renders to no tokens")
         scores = [0.0] * len(seqs)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch: less padding
-        bs = self.options.batch_size
         with self._lock:
-            for start in range(0, len(order), bs):
-                idx = order[start: start + bs]
-                scores_B = score_sequences(self.model, [seqs[i] for i in idx], self.pad_id, self.device, "fp32")
+            for batch in self._batches(prompts, seqs):
+                idx = [i for group in batch for i in group]
+                if self.options.pack:
+                    packed = pack_groups([[seqs[i] for i in group] for group in batch], self.pad_id)
+                    scores_B = packed_scores(self.model, packed, self.device, self.options.dtype)
+                else:
+                    scores_B = score_sequences(self.model, [seqs[i] for i in idx], self.pad_id, self.device, self.options.dtype)
                 for i, s in zip(idx, scores_B.tolist()):
                     scores[i] = s
         return scores
+
+    def _batches(self, prompts: list[Any], seqs: list[list[int]]) -> list[list[list[int]]]:
+        """Forward batches of at most batch_size sequences, as lists of index groups.
+
+        Packed: a group is a run of consecutive samples with the same prompt (one row, one prompt
+        copy). Unpacked: one sample per group, sorted by length so that a batch has little padding.
+        """
+        bs = self.options.batch_size
+        groups: list[list[int]] = []
+        if self.options.pack:
+            for i, prompt in enumerate(prompts):
+                if groups and len(groups[-1]) < bs and prompts[groups[-1][-1]] == prompt:
+                    groups[-1].append(i)
+                else:
+                    groups.append([i])
+        else:
+            groups = [[i] for i in sorted(range(len(seqs)), key=lambda i: len(seqs[i]))]
+        batches: list[list[list[int]]] = [[]]
+        for group in groups:
+            if batches[-1] and sum(map(len, batches[-1])) + len(group) > bs:
+                batches.append([])
+            batches[-1].append(group)
+        return [b for b in batches if b]
 
 
 _CACHE: dict[tuple, RewardModelScorer] = {}

@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 from reward_models.config import RewardModelConfig
 from reward_models.data import PreferencePairs, build_pairs, load_splits
 from reward_models.model import load_reward_model, save_reward_model, score_sequences
-from reward_models.packing import pack_pairs, packed_pair_scores
+from reward_models.packing import packed_pair_scores
 from rlhf.config import to_dict
 from rlhf.logging import JsonlWriter
 from rlhf.models.loading import load_tokenizer
@@ -105,7 +105,7 @@ class RewardModelTrainer:
         chosen, rejected = [pairs.chosen_ids[i] for i in idx], [pairs.rejected_ids[i] for i in idx]
         pad, device, dtype = self.tokenizer.pad_token_id, self.acc.device, self.cfg.model.compute_dtype
         if self.cfg.train.pack_pairs:
-            return packed_pair_scores(model, pack_pairs(chosen, rejected, pad), device, dtype)
+            return packed_pair_scores(model, chosen, rejected, pad, device, dtype)
         scores_B = score_sequences(model, chosen + rejected, pad, device, dtype)
         return scores_B[: len(idx)], scores_B[len(idx):]
 

@@ -3,7 +3,7 @@ import torch
 
 from reward_models.data import encode
 from reward_models.model import load_reward_model, score_sequences
-from reward_models.packing import pack_pairs, packed_pair_scores, shared_prefix_len
+from reward_models.packing import pack_groups, packed_pair_scores, packed_scores, shared_prefix_len
 from rlhf.config import load_config
 
 from rm_helpers import separable_rows
@@ -21,9 +21,10 @@ def tiny_rm(model_dir, tokenizer, lora: bool):
 
 
 def test_shared_prefix_leaves_a_token_on_each_side():
-    assert shared_prefix_len([1, 2, 3, 4], [1, 2, 5]) == 2
-    assert shared_prefix_len([1, 2, 3], [1, 2, 3]) == 2  # identical: the last token stays in each suffix
-    assert shared_prefix_len([1, 2], [1, 2, 3, 4]) == 1
+    assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # identical: the last token stays in each suffix
+    assert shared_prefix_len([[1, 2], [1, 2, 3, 4]]) == 1
+    assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5], [1, 7, 3, 4]]) == 1
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -39,12 +40,25 @@ def test_packed_scores_and_gradients_equal_unpacked(tiny_model_dir, tokenizer, l
 
     flat = score_sequences(model, chosen + rejected, pad, "cpu", "fp32")
     grads_flat = torch.autograd.grad((flat[: len(rows)] - flat[len(rows):]).sum(), params)
-    packed = pack_pairs(chosen, rejected, pad)
-    r_c, r_r = packed_pair_scores(model, packed, "cpu", "fp32")
+    r_c, r_r = packed_pair_scores(model, chosen, rejected, pad, "cpu", "fp32")
     grads_packed = torch.autograd.grad((r_c - r_r).sum(), params)
 
-    assert packed.input_ids_RL.numel() < sum(map(len, chosen + rejected))  # fewer tokens than unpacked
+    assert pack_groups([[c, r] for c, r in zip(chosen, rejected)], pad).input_ids_RL.numel() < sum(map(len, chosen + rejected))
     assert torch.allclose(r_c, flat[: len(rows)], atol=1e-5) and torch.allclose(r_r, flat[len(rows):], atol=1e-5)
     assert flat.std() > 1e-2  # the check has teeth: the scores differ from pair to pair
     for g_flat, g_packed in zip(grads_flat, grads_packed):
         assert torch.allclose(g_flat, g_packed, atol=1e-5)
+
+
+def test_groups_of_completions_score_as_unpacked(tiny_model_dir, tokenizer):
+    """The scorer's case: the G completions of one prompt share a row."""
+    prompt = separable_rows()[0]["prompt"]
+    answers = ["yes", "no no", "the answer is yes", "no", "yes yes yes"]
+    seqs = encode(tokenizer, [prompt] * len(answers), answers)
+    model = tiny_rm(tiny_model_dir, tokenizer, lora=False)
+    with torch.no_grad():
+        flat = score_sequences(model, seqs, tokenizer.pad_token_id, "cpu", "fp32")
+        packed = pack_groups([seqs[:3], seqs[3:]], tokenizer.pad_token_id)
+        grouped = packed_scores(model, packed, "cpu", "fp32")
+    assert packed.input_ids_RL.shape[0] == 2 and packed.row_N.tolist() == [0, 0, 0, 1, 1]
+    assert torch.allclose(grouped, flat, atol=1e-5) and flat.std() > 1e-2

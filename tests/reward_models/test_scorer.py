@@ -26,13 +26,19 @@ def test_learned_rm_through_reward_module_orders_its_training_pairs(trained_rm):
     assert as_text.per_fn["reward_model"] == pytest.approx(scores, abs=1e-5)
 
 
-def test_batching_and_padding_do_not_change_scores(trained_rm):
+def test_batching_packing_and_padding_do_not_change_scores(trained_rm):
     run_dir, _ = trained_rm
     one = RewardModelScorer(run_dir, ScorerOptions(batch_size=1, dtype="fp32"))
-    many = load_scorer(f"{run_dir}?batch_size=16&dtype=fp32")
-    prompts = [CHAT_PROMPT] * 4
-    completions = ["yes", "no no no yes no no", "the answer is yes .", "no"]  # different lengths: padding in a batch
-    assert many(prompts, completions, None) == pytest.approx(one(prompts, completions, None), abs=1e-5)
+    packed = load_scorer(f"{run_dir}?batch_size=3&dtype=fp32")
+    padded = load_scorer(f"{run_dir}?batch_size=16&dtype=fp32&pack=false")
+    other = [{"role": "user", "content": "What is a + b ?"}]
+    prompts = [CHAT_PROMPT] * 4 + [other] * 3  # two groups of one prompt each
+    completions = ["yes", "no no no yes no no", "the answer is yes .", "no", "a", "b b", "yes"]  # padding in a batch
+    assert packed._batches(prompts, [[1]] * 7) == [[[0, 1, 2]], [[3]], [[4, 5, 6]]]  # rows of <= batch_size
+    reference = one(prompts, completions, None)
+    assert packed(prompts, completions, None) == pytest.approx(reference, abs=1e-5)
+    assert padded(prompts, completions, None) == pytest.approx(reference, abs=1e-5)
+    assert max(reference) - min(reference) > 1e-2
 
 
 def test_scorer_is_cached_per_path_and_options(trained_rm):
