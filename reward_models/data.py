@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import datasets
+import torch
 
 from reward_models.tasks import PREFERENCE_TASKS
 from rlhf.data.prompts import FORMATS, DataError
@@ -50,17 +51,22 @@ def load_preference_dataset(spec: str, split: str = "train", task_args: dict | N
         raise DataError(f"{path}: cannot read preference pairs: {type(e).__name__}: {e}") from None
 
 
-def load_splits(dcfg, seed: int = 0) -> tuple[datasets.Dataset, Optional[datasets.Dataset]]:
-    """(train, eval) datasets from a PreferenceDataConfig: `eval` given, a seeded `eval_fraction` of train, or none."""
-    train = load_preference_dataset(dcfg.train, "train", dcfg.task_args, seed)
+def load_pairs(dcfg, tokenizer, seed: int = 0) -> tuple["PreferencePairs", Optional["PreferencePairs"]]:
+    """(train, eval) pairs from a PreferenceDataConfig: `eval` given, a seeded `eval_fraction` of train, or none.
+
+    Rows are validated before any split, so errors name rows as they are in the file.
+    """
+    train = build_pairs(load_preference_dataset(dcfg.train, "train", dcfg.task_args, seed), tokenizer, dcfg, name=dcfg.train)
     if dcfg.eval is not None:
-        return train, load_preference_dataset(dcfg.eval, "eval", dcfg.task_args, seed)
-    if dcfg.eval_fraction > 0:
-        if len(train) < 2:
-            raise DataError(f"{dcfg.train}: {len(train)} row(s) cannot be split by data.eval_fraction")
-        parts = train.train_test_split(test_size=dcfg.eval_fraction, seed=seed)
-        return parts["train"], parts["test"]
-    return train, None
+        held = load_preference_dataset(dcfg.eval, "eval", dcfg.task_args, seed)
+        return train, build_pairs(held, tokenizer, dcfg, name=dcfg.eval)
+    if dcfg.eval_fraction <= 0:
+        return train, None
+    n_eval = int(round(len(train) * dcfg.eval_fraction))
+    if not 0 < n_eval < len(train):
+        raise DataError(f"{dcfg.train}: data.eval_fraction={dcfg.eval_fraction} of {len(train)} pairs leaves no train or no eval pair")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    return train.subset(sorted(order[n_eval:])), train.subset(sorted(order[:n_eval]))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -147,6 +153,10 @@ class PreferencePairs:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def subset(self, idx: list[int]) -> "PreferencePairs":
+        return PreferencePairs([self.chosen_ids[i] for i in idx], [self.rejected_ids[i] for i in idx],
+                               [self.margins[i] for i in idx], [self.rows[i] for i in idx], dict(self.stats))
 
 
 def build_pairs(ds: datasets.Dataset, tokenizer, dcfg, name: str) -> PreferencePairs:

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from reward_models.config import RewardModelConfig
-from reward_models.data import PreferencePairs, build_pairs, load_splits
+from reward_models.data import PreferencePairs, load_pairs
 from reward_models.model import load_reward_model, save_reward_model, score_sequences
 from reward_models.packing import packed_pair_scores
 from rlhf.config import to_dict
@@ -55,11 +55,7 @@ class RewardModelTrainer:
 
         # Cheap, error-prone inputs first: the data fails before the model loads.
         self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-        train_ds, eval_ds = load_splits(cfg.data, cfg.train.seed)
-        d = cfg.data
-        self.train_pairs = build_pairs(train_ds, self.tokenizer, d, name=d.train)
-        self.eval_pairs = None if eval_ds is None else build_pairs(
-            eval_ds, self.tokenizer, d, name=d.eval if d.eval is not None else f"{d.train} (eval_fraction)")
+        self.train_pairs, self.eval_pairs = load_pairs(cfg.data, self.tokenizer, cfg.train.seed)
         n_eval = 0 if self.eval_pairs is None else len(self.eval_pairs)
         self.log(f"reward model: {len(self.train_pairs)} train pairs, {n_eval} eval pairs | {cfg.train.pairs_per_step} pairs/step "
                  f"| {self.acc.num_processes} process(es) x {cfg.train.pairs_per_step // self.acc.num_processes} pairs "

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
 
 WORDS = ["What", "is", "+", "?", "the", "answer", "a", "b", "c", "yes", "no", "=", "."] + [str(i) for i in range(19)]
 CHAT_TEMPLATE = (

@@ -3,7 +3,7 @@ import re
 import pytest
 
 from reward_models.config import PreferenceDataConfig
-from reward_models.data import build_pairs, load_preference_dataset, load_splits, render
+from reward_models.data import build_pairs, load_pairs, load_preference_dataset, render
 from reward_models.rules import first_number_matches
 from reward_models.tasks import PREFERENCE_TASKS
 from rlhf.data.prompts import DataError
@@ -81,12 +81,19 @@ def test_long_pairs_error_or_are_filtered(tmp_path, tokenizer):
     assert pairs.rows == [0, 1, 3] and pairs.stats == {"pairs/too_long": 1, "pairs/filtered": 1}
 
 
-def test_unknown_source_and_eval_fraction_split(tmp_path):
+def test_unknown_source_and_eval_fraction_split(tmp_path, tokenizer):
     with pytest.raises(DataError, match="'nope.jsonl' is neither a built-in preference task"):
         load_preference_dataset("nope.jsonl")
-    path = write_jsonl(tmp_path / "p.jsonl", separable_rows() * 5)
-    train, held = load_splits(PreferenceDataConfig(train=str(path), eval_fraction=0.2), seed=0)
-    assert (len(train), len(held)) == (16, 4)
+    rows = [dict(r) for r in separable_rows() * 5]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    train, held = load_pairs(PreferenceDataConfig(train=str(path), eval_fraction=0.2), tokenizer, seed=0)
+    assert (len(train), len(held)) == (16, 4) and sorted(train.rows + held.rows) == list(range(20))
+    again, _ = load_pairs(PreferenceDataConfig(train=str(path), eval_fraction=0.2), tokenizer, seed=0)
+    assert again.rows == train.rows  # seeded
+    rows[17]["chosen"] = [{"role": "assistant", "content": " "}]  # errors name the file's row, not a split's
+    write_jsonl(path, rows)
+    with pytest.raises(DataError, match=r"row 17, column 'chosen'"):
+        load_pairs(PreferenceDataConfig(train=str(path), eval_fraction=0.2), tokenizer, seed=0)
 
 
 def test_arithmetic_preferences_are_seeded_correct_and_split_by_pair():
