@@ -12,6 +12,7 @@ The same rendering (`render`) serves training and the scorer, so the model score
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -143,20 +144,23 @@ def encode(tokenizer, prompts: list[Any], responses: list[Any]) -> list[list[int
 
 @dataclass
 class PreferencePairs:
-    """Tokenized pairs: chosen_ids[i] and rejected_ids[i] come from dataset row rows[i]."""
+    """Tokenized pairs: chosen_ids[i] and rejected_ids[i] come from dataset row rows[i];
+    prompt_keys[i] identifies its prompt (None: no prompt column), so pairs of one prompt can share a row."""
 
     chosen_ids: list[list[int]]
     rejected_ids: list[list[int]]
     margins: list[float]
     rows: list[int]
+    prompt_keys: list[Optional[str]]
     stats: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def subset(self, idx: list[int]) -> "PreferencePairs":
-        return PreferencePairs([self.chosen_ids[i] for i in idx], [self.rejected_ids[i] for i in idx],
-                               [self.margins[i] for i in idx], [self.rows[i] for i in idx], dict(self.stats))
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        return PreferencePairs(pick(self.chosen_ids), pick(self.rejected_ids), pick(self.margins), pick(self.rows),
+                               pick(self.prompt_keys), dict(self.stats))
 
 
 def build_pairs(ds: datasets.Dataset, tokenizer, dcfg, name: str) -> PreferencePairs:
@@ -195,4 +199,6 @@ def build_pairs(ds: datasets.Dataset, tokenizer, dcfg, name: str) -> PreferenceP
         keep.append(i)
     if not keep:
         raise DataError(f"{name}: every pair was filtered out as longer than data.max_length={dcfg.max_length} tokens")
-    return PreferencePairs([chosen[i] for i in keep], [rejected[i] for i in keep], [margins[i] for i in keep], keep, stats)
+    keys = [None if p is None else json.dumps(p, sort_keys=True) for p in prompts]
+    return PreferencePairs([chosen[i] for i in keep], [rejected[i] for i in keep], [margins[i] for i in keep], keep,
+                           [keys[i] for i in keep], stats)

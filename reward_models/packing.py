@@ -107,7 +107,15 @@ def packed_scores(model: torch.nn.Module, packed: PackedGroups, device, compute_
 
 
 def packed_pair_scores(model: torch.nn.Module, chosen_ids: list[list[int]], rejected_ids: list[list[int]], pad_id: int,
-                       device, compute_dtype: str) -> tuple[Tensor, Tensor]:
-    """(r_chosen_M, r_rejected_M): each pair packed in one row."""
-    scores_N = packed_scores(model, pack_groups([[c, r] for c, r in zip(chosen_ids, rejected_ids)], pad_id), device, compute_dtype)
+                       device, compute_dtype: str, prompt_keys: list | None = None) -> tuple[Tensor, Tensor]:
+    """(r_chosen_M, r_rejected_M): each pair packed in one row; consecutive pairs with the same (non-None)
+    prompt key share a row, [prefix | c_1 | r_1 | c_2 | r_2 | ...], with one copy of the prompt."""
+    keys = prompt_keys or [None] * len(chosen_ids)
+    groups: list[list[list[int]]] = []
+    for i, (c, r) in enumerate(zip(chosen_ids, rejected_ids)):
+        if groups and keys[i] is not None and keys[i] == keys[i - 1]:
+            groups[-1] += [c, r]
+        else:
+            groups.append([c, r])
+    scores_N = packed_scores(model, pack_groups(groups, pad_id), device, compute_dtype)
     return scores_N[0::2], scores_N[1::2]

@@ -79,8 +79,16 @@ class RewardModelTrainer:
         return float(self.acc.reduce(torch.tensor(float(x), device=self.acc.device), "sum"))
 
     def _permutation(self) -> list[int]:
+        """This epoch's pair order; with group_by_prompt, a shuffled order of prompts, each with its pairs (shuffled) together."""
         g = torch.Generator().manual_seed(self.cfg.train.seed + self.state["epoch"])
-        return torch.randperm(len(self.train_pairs), generator=g).tolist()
+        order = torch.randperm(len(self.train_pairs), generator=g).tolist()
+        if not self.cfg.train.group_by_prompt:
+            return order
+        groups: dict = {}
+        for i in order:  # dicts keep first-seen order: prompts in random order, pairs in random order
+            key = self.train_pairs.prompt_keys[i]
+            groups.setdefault(("row", i) if key is None else key, []).append(i)
+        return [i for members in groups.values() for i in members]
 
     def next_pairs(self) -> list[int]:
         """This process's slice of the next `pairs_per_step` global pair indices (crossing epochs)."""
@@ -97,11 +105,12 @@ class RewardModelTrainer:
 
     def pair_scores(self, model: torch.nn.Module, pairs: PreferencePairs, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_chosen_M, r_rejected_M) for pairs `idx`, from one forward over chosen and rejected together
-        (packed: one row per pair sharing the common prefix; else 2M padded rows)."""
+        (packed: one row per pair, or per run of pairs with the same prompt, sharing the common prefix;
+        else 2M padded rows)."""
         chosen, rejected = [pairs.chosen_ids[i] for i in idx], [pairs.rejected_ids[i] for i in idx]
         pad, device, dtype = self.tokenizer.pad_token_id, self.acc.device, self.cfg.model.compute_dtype
         if self.cfg.train.pack_pairs:
-            return packed_pair_scores(model, chosen, rejected, pad, device, dtype)
+            return packed_pair_scores(model, chosen, rejected, pad, device, dtype, [pairs.prompt_keys[i] for i in idx])
         scores_B = score_sequences(model, chosen + rejected, pad, device, dtype)
         return scores_B[: len(idx)], scores_B[len(idx):]
 
@@ -156,9 +165,10 @@ class RewardModelTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out loss and pairwise accuracy over every eval pair (each process scores a strided share)."""
+        """Held-out loss and pairwise accuracy over every eval pair (each process scores a contiguous share)."""
         t0, pairs = time.perf_counter(), self.eval_pairs
-        mine = list(range(self.acc.process_index, len(pairs), self.acc.num_processes))
+        per = -(-len(pairs) // self.acc.num_processes)
+        mine = list(range(self.acc.process_index * per, min(len(pairs), (self.acc.process_index + 1) * per)))
         model = self.unwrapped
         model.eval()
         sums = {"loss": 0.0, "correct": 0.0, "margin": 0.0}

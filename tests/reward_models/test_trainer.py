@@ -123,3 +123,24 @@ def test_packed_and_unpacked_training_agree(tiny_model_dir, separable_jsonl, tmp
         for key in ("loss", "accuracy", "margin", "eval/loss", "eval/accuracy"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], abs=1e-4), key
+
+
+def test_group_by_prompt_keeps_a_prompts_pairs_together(tiny_model_dir, tmp_path, monkeypatch):
+    rows = []
+    for q in ("a", "b", "c"):  # rows 4k..4k+3 share prompt k
+        rows += [dict(r, prompt=[{"role": "user", "content": f"What is {q} ?"}]) for r in separable_rows()]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = load_rm_config(None, rm_overrides(tiny_model_dir, data, tmp_path / "run", "train.group_by_prompt=true", "train.steps=3",
+                                            "eval.at_start=false", "eval.every=0", "save.final=false"))
+    trainer = RewardModelTrainer(cfg)
+    order = trainer._permutation()
+    assert sorted(order) == list(range(12)) and order != sorted(order)
+    assert all(len({i // 4 for i in order[j: j + 4]}) == 1 for j in (0, 4, 8)), order
+
+    import reward_models.packing as packing
+
+    rows_per_forward = []
+    real = packing.pack_groups
+    monkeypatch.setattr(packing, "pack_groups", lambda groups, pad: rows_per_forward.append(len(groups)) or real(groups, pad))
+    trainer.train()
+    assert rows_per_forward == [1] * 6 + [3]  # 3 steps x 2 micro-batches of 2 pairs of one prompt; eval: a row per prompt
