@@ -27,7 +27,8 @@ from rlhf.data.prompts import FORMATS, DataError
 
 
 def load_preference_dataset(spec: str, split: str = "train", task_args: dict | None = None, seed: int = 0) -> datasets.Dataset:
-    """A preference task name (its `split`), a jsonl/json/csv/parquet file, or a `save_to_disk` directory."""
+    """A preference task name (its `split`), a jsonl/json/csv/parquet file, or a `save_to_disk` directory
+    (a DatasetDict's `split`; for 'eval' also its 'test' or 'validation' split)."""
     if spec in PREFERENCE_TASKS:
         return PREFERENCE_TASKS.get(spec)(split=split, seed=seed, **(task_args or {}))
     path = Path(spec).expanduser()
@@ -38,9 +39,11 @@ def load_preference_dataset(spec: str, split: str = "train", task_args: dict | N
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DataError(f"{path}: saved DatasetDict has no '{split}' split (splits: {', '.join(ds)})")
-                ds = ds[split]
+                names = [split] if split == "train" else [split, "test", "validation"]
+                found = next((n for n in names if n in ds), None)
+                if found is None:
+                    raise DataError(f"{path}: saved DatasetDict has no {' / '.join(map(repr, names))} split (splits: {', '.join(ds)})")
+                ds = ds[found]
             return ds
         fmt = FORMATS.get(path.suffix.lower())
         if fmt is None:

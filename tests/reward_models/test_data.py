@@ -117,3 +117,15 @@ def test_arithmetic_preferences_are_seeded_correct_and_split_by_pair():
     shape = lambda text: re.sub(r"\d+", "#", text)  # noqa: E731
     hard = sum(shape(c[0]["content"]) == shape(r[0]["content"]) for c, r in zip(train["chosen"], train["rejected"]))
     assert 0.4 * len(train) < hard < 0.8 * len(train), f"{hard} hard pairs (same phrasing, wrong number)"
+
+
+def test_saved_dataset_dict_splits(tmp_path, tokenizer):
+    import datasets
+
+    rows = separable_rows()
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:2])}).save_to_disk(tmp_path / "dd")
+    train, held = load_pairs(PreferenceDataConfig(train=str(tmp_path / "dd"), eval=str(tmp_path / "dd")), tokenizer)
+    assert (len(train), len(held)) == (4, 2)
+    datasets.DatasetDict({"other": datasets.Dataset.from_list(rows)}).save_to_disk(tmp_path / "bad")
+    with pytest.raises(DataError, match=r"bad: saved DatasetDict has no 'train' split \(splits: other\)"):
+        load_preference_dataset(str(tmp_path / "bad"))
