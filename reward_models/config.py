@@ -24,6 +24,7 @@ class PreferenceDataConfig:
     chosen_column: str = opt("chosen", "column with the preferred response (string, or a list of chat messages)")
     rejected_column: str = opt("rejected", "column with the dispreferred response (same form as chosen)")
     margin_column: Optional[str] = opt(None, "optional numeric column: loss = -logsigmoid(r_chosen - r_rejected - margin)")
+    subset_column: Optional[str] = opt(None, "optional column naming each pair's subset: eval accuracy is also logged per subset (eval/accuracy/<subset>)")
     max_length: int = opt(512, "tokens per formatted prompt+response; longer pairs are handled by `on_long_pair`")
     on_long_pair: Literal["error", "filter"] = opt("error", "a pair over max_length stops the run naming the row, or is dropped and counted")
 

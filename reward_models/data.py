@@ -148,13 +148,15 @@ def encode(tokenizer, prompts: list[Any], responses: list[Any]) -> list[list[int
 @dataclass
 class PreferencePairs:
     """Tokenized pairs: chosen_ids[i] and rejected_ids[i] come from dataset row rows[i];
-    prompt_keys[i] identifies its prompt (None: no prompt column), so pairs of one prompt can share a row."""
+    prompt_keys[i] identifies its prompt (None: no prompt column), so pairs of one prompt can share a row;
+    subsets[i] is its `data.subset_column` value (None without one)."""
 
     chosen_ids: list[list[int]]
     rejected_ids: list[list[int]]
     margins: list[float]
     rows: list[int]
     prompt_keys: list[Optional[str]]
+    subsets: list[Optional[str]]
     stats: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -163,14 +165,13 @@ class PreferencePairs:
     def subset(self, idx: list[int]) -> "PreferencePairs":
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         return PreferencePairs(pick(self.chosen_ids), pick(self.rejected_ids), pick(self.margins), pick(self.rows),
-                               pick(self.prompt_keys), dict(self.stats))
+                               pick(self.prompt_keys), pick(self.subsets), dict(self.stats))
 
 
 def build_pairs(ds: datasets.Dataset, tokenizer, dcfg, name: str) -> PreferencePairs:
     """Validate every row, render and tokenize; pairs over `max_length` fail or are filtered (`on_long_pair`)."""
     missing = [c for c in (dcfg.chosen_column, dcfg.rejected_column) if c not in ds.column_names]
-    if dcfg.margin_column is not None and dcfg.margin_column not in ds.column_names:
-        missing.append(dcfg.margin_column)
+    missing += [c for c in (dcfg.margin_column, dcfg.subset_column) if c is not None and c not in ds.column_names]
     if missing:
         raise DataError(f"{name}: no column {', '.join(repr(c) for c in missing)} (columns: {', '.join(ds.column_names)}); "
                         f"preference pairs need '{dcfg.chosen_column}' and '{dcfg.rejected_column}' (set data.chosen_column / "
@@ -203,5 +204,6 @@ def build_pairs(ds: datasets.Dataset, tokenizer, dcfg, name: str) -> PreferenceP
     if not keep:
         raise DataError(f"{name}: every pair was filtered out as longer than data.max_length={dcfg.max_length} tokens")
     keys = [None if p is None else json.dumps(p, sort_keys=True) for p in prompts]
-    return PreferencePairs([chosen[i] for i in keep], [rejected[i] for i in keep], [margins[i] for i in keep], keep,
-                           [keys[i] for i in keep], stats)
+    subsets = [str(r[dcfg.subset_column]) for r in rows] if dcfg.subset_column else [None] * len(rows)
+    pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
+    return PreferencePairs(pick(chosen), pick(rejected), pick(margins), keep, pick(keys), pick(subsets), stats)

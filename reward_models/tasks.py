@@ -37,11 +37,12 @@ def wrong_numbers(a: int, b: int) -> list[int]:
     return sorted(c for c in cands if c >= 0 and c != s)
 
 
-def preference_pair(a: int, b: int, rng: random.Random, hard_fraction: float) -> tuple[str, str]:
-    """(chosen, rejected) texts for "What is a + b?"; the chosen's first number is a + b, the rejected's is not.
+def preference_pair(a: int, b: int, rng: random.Random, hard_fraction: float) -> tuple[str, str, str]:
+    """(chosen, rejected, kind) for "What is a + b?"; the chosen's first number is a + b, the rejected's is not.
 
     With probability `hard_fraction` the rejected answer has the chosen's phrasing with a wrong
-    number (only arithmetic tells them apart); otherwise it is one of the typical mistakes.
+    number (kind 'same_phrasing': only arithmetic tells them apart); otherwise it is one of the
+    base model's typical mistakes (kind 'typical_mistake').
     """
     s = a + b
     for _ in range(100):
@@ -49,11 +50,11 @@ def preference_pair(a: int, b: int, rng: random.Random, hard_fraction: float) ->
         chosen = form.format(n=s, a=a, b=b)
         w = rng.choice(wrong_numbers(a, b))
         if rng.random() < hard_fraction:
-            rejected = form.format(n=w, a=a, b=b)
+            rejected, kind = form.format(n=w, a=a, b=b), "same_phrasing"
         else:
-            rejected = rng.choice(ECHO_FORMS).format(a=a, b=b, s=s, w=w)
+            rejected, kind = rng.choice(ECHO_FORMS).format(a=a, b=b, s=s, w=w), "typical_mistake"
         if first_number(chosen) == s and first_number(rejected) != s:  # e.g. "a + 0 = ..." starts with the sum
-            return chosen, rejected
+            return chosen, rejected, kind
     raise RuntimeError(f"could not build a preference pair for {a} + {b}")
 
 
@@ -65,7 +66,8 @@ def arithmetic_preferences(split: str = "train", seed: int = 0, max_operand: int
 
     The (a, b) split is the `arithmetic` task's own (same seed, same `eval_fraction`), so eval
     pairs come from additions never seen in training, the same ones the RL recipes evaluate on.
-    Columns: prompt, chosen, rejected (conversational) and answer. Seeded; each split has its own stream.
+    Columns: prompt, chosen, rejected (conversational), answer and kind ('same_phrasing' or
+    'typical_mistake', see `preference_pair`). Seeded; each split has its own stream.
     """
     if pairs_per_prompt < 1:
         raise ValueError(f"arithmetic_preferences: pairs_per_prompt must be >= 1, got {pairs_per_prompt}")
@@ -74,16 +76,17 @@ def arithmetic_preferences(split: str = "train", seed: int = 0, max_operand: int
     prompts = TASKS.get("arithmetic")(split=split, seed=seed, max_operand=max_operand, eval_fraction=eval_fraction,
                                       system_prompt=system_prompt)
     rng = random.Random(f"arithmetic_preferences-{seed}-{split}")
-    rows: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "answer": []}
+    rows: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "answer": [], "kind": []}
     for prompt, answer in zip(prompts["prompt"], prompts["answer"]):
         m = _QUESTION.fullmatch(prompt[-1]["content"])
         if m is None:
             raise ValueError(f"arithmetic_preferences: unexpected arithmetic prompt {prompt[-1]['content']!r}")
         a, b = int(m.group(1)), int(m.group(2))
         for _ in range(pairs_per_prompt):
-            chosen, rejected = preference_pair(a, b, rng, hard_fraction)
+            chosen, rejected, kind = preference_pair(a, b, rng, hard_fraction)
             rows["prompt"].append(prompt)
             rows["chosen"].append([{"role": "assistant", "content": chosen}])
             rows["rejected"].append([{"role": "assistant", "content": rejected}])
             rows["answer"].append(answer)
+            rows["kind"].append(kind)
     return datasets.Dataset.from_dict(rows)

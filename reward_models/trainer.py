@@ -171,20 +171,29 @@ class RewardModelTrainer:
         mine = list(range(self.acc.process_index * per, min(len(pairs), (self.acc.process_index + 1) * per)))
         model = self.unwrapped
         model.eval()
-        sums = {"loss": 0.0, "correct": 0.0, "margin": 0.0}
+        subsets = sorted({s for s in pairs.subsets if s is not None})  # the same on every process
+        sums = {"loss": 0.0, "correct": 0.0, "margin": 0.0, **{f"correct/{s}": 0.0 for s in subsets}}
         bs = self.cfg.eval.batch_size
         for start in range(0, len(mine), bs):
             chunk = mine[start: start + bs]
             r_c, r_r = self.pair_scores(model, pairs, chunk)
             margin_M = torch.tensor([pairs.margins[i] for i in chunk], device=r_c.device)
             sums["loss"] += float(bradley_terry_loss(r_c, r_r, margin_M).sum())
-            sums["correct"] += float((r_c > r_r).sum())
+            correct = (r_c > r_r).tolist()
+            sums["correct"] += sum(correct)
             sums["margin"] += float((r_c - r_r).sum())
+            for i, ok in zip(chunk, correct):
+                if pairs.subsets[i] is not None:
+                    sums[f"correct/{pairs.subsets[i]}"] += ok
         model.train()
         n = len(pairs)
-        return {"step": self.state["step"], "eval/loss": self._reduce_sum(sums["loss"]) / n,
-                "eval/accuracy": self._reduce_sum(sums["correct"]) / n, "eval/margin": self._reduce_sum(sums["margin"]) / n,
-                "eval/pairs": n, "time/eval_s": time.perf_counter() - t0}
+        record = {"step": self.state["step"], "eval/loss": self._reduce_sum(sums["loss"]) / n,
+                  "eval/accuracy": self._reduce_sum(sums["correct"]) / n, "eval/margin": self._reduce_sum(sums["margin"]) / n,
+                  "eval/pairs": n}
+        for s in subsets:
+            record[f"eval/accuracy/{s}"] = self._reduce_sum(sums[f"correct/{s}"]) / pairs.subsets.count(s)
+        record["time/eval_s"] = time.perf_counter() - t0
+        return record
 
     # ------------------------------------------------------------------ the loop
 
@@ -235,7 +244,8 @@ class RewardModelTrainer:
 
 def console_line(record: dict) -> str:
     if "eval/accuracy" in record:
-        return (f"eval @ step {record['step']:>4}  accuracy {record['eval/accuracy']:.3f}  loss {record['eval/loss']:.4f}  "
+        subsets = "".join(f"  {k[len('eval/accuracy/'):]} {v:.3f}" for k, v in record.items() if k.startswith("eval/accuracy/"))
+        return (f"eval @ step {record['step']:>4}  accuracy {record['eval/accuracy']:.3f}{subsets}  loss {record['eval/loss']:.4f}  "
                 f"margin {record['eval/margin']:+.3f}  ({record['eval/pairs']} pairs, {record['time/eval_s']:.1f}s)")
     return (f"step {record['step']:>4}  loss {record['loss']:.4f}  accuracy {record['accuracy']:.3f}  margin {record['margin']:+.3f}  "
             f"lr {record['lr']:.2e}  {record['time/step_s']:.1f}s")

@@ -115,8 +115,10 @@ def test_arithmetic_preferences_are_seeded_correct_and_split_by_pair():
     echo = [r for r, p in zip(rejected, train["prompt"]) if r.startswith(p[-1]["content"][8:-1])]  # "a + b = ..."
     assert len(echo) > 40, "the base model's typical 'a + b = x' mistakes are missing"
     shape = lambda text: re.sub(r"\d+", "#", text)  # noqa: E731
-    hard = sum(shape(c[0]["content"]) == shape(r[0]["content"]) for c, r in zip(train["chosen"], train["rejected"]))
-    assert 0.4 * len(train) < hard < 0.8 * len(train), f"{hard} hard pairs (same phrasing, wrong number)"
+    same = [shape(c[0]["content"]) == shape(r[0]["content"]) for c, r in zip(train["chosen"], train["rejected"])]
+    kinds = train["kind"]
+    assert all(k == "typical_mistake" or s for k, s in zip(kinds, same)), "a 'same_phrasing' pair differs in phrasing"
+    assert 0.4 * len(train) < kinds.count("same_phrasing") < 0.6 * len(train), "hard_fraction=0.5 not honoured"
 
 
 def test_saved_dataset_dict_splits(tmp_path, tokenizer):

@@ -92,13 +92,19 @@ def test_checkpoints_are_loadable_and_pruned(tiny_model_dir, separable_jsonl, tm
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "checkpoints" / "step_000003")
 
 
-def test_margin_column_enters_the_eval_loss(tiny_model_dir, tmp_path):
-    rows = [dict(r, margin=3.0) for r in separable_rows()]
+def test_margin_column_enters_the_eval_loss_and_subsets_are_scored_apart(tiny_model_dir, tmp_path):
+    rows = [dict(r, margin=3.0, kind=k) for r, k in zip(separable_rows(), ["x", "y", "y", "y"])]
     data = write_jsonl(tmp_path / "p.jsonl", rows)
     plain = RewardModelTrainer(load_rm_config(None, rm_overrides(tiny_model_dir, data, tmp_path / "a"))).evaluate()
-    margin = RewardModelTrainer(load_rm_config(None, rm_overrides(tiny_model_dir, data, tmp_path / "b", "data.margin_column=margin"))).evaluate()
+    trainer = RewardModelTrainer(load_rm_config(None, rm_overrides(tiny_model_dir, data, tmp_path / "b", "data.margin_column=margin",
+                                                                   "data.subset_column=kind")))
+    margin = trainer.evaluate()
     assert margin["eval/margin"] == pytest.approx(plain["eval/margin"])  # same seed: same model
     assert margin["eval/loss"] > plain["eval/loss"] + 1.0  # -logsigmoid(d - 3) >> -logsigmoid(d) for d ~ 0
+    r_c, r_r = trainer.pair_scores(trainer.unwrapped, trainer.eval_pairs, [0, 1, 2, 3])
+    correct = (r_c > r_r).float().tolist()
+    assert margin["eval/accuracy/x"] == correct[0] and margin["eval/accuracy/y"] == pytest.approx(sum(correct[1:]) / 3)
+    assert "eval/accuracy/x" not in plain
 
 
 @pytest.mark.parametrize("override, match", [
