@@ -60,33 +60,44 @@ def preference_pair(a: int, b: int, rng: random.Random, hard_fraction: float) ->
 
 @PREFERENCE_TASKS.register("arithmetic_preferences")
 def arithmetic_preferences(split: str = "train", seed: int = 0, max_operand: int = 9, eval_fraction: float = 0.2,
-                           pairs_per_prompt: int = 8, hard_fraction: float = 0.5,
+                           pairs_per_prompt: int = 8, hard_fraction: float = 0.5, train_max_operand: int | None = None,
                            system_prompt: str | None = None) -> datasets.Dataset:
     """Correct vs wrong answers to the `arithmetic` task's prompts ("What is a + b?", chat messages).
 
     The (a, b) split is the `arithmetic` task's own (same seed, same `eval_fraction`), so eval
     pairs come from additions never seen in training, the same ones the RL recipes evaluate on.
-    Columns: prompt, chosen, rejected (conversational), answer and kind ('same_phrasing' or
-    'typical_mistake', see `preference_pair`). Seeded; each split has its own stream.
+    `train_max_operand` > max_operand adds to the train split every addition with an operand in
+    (max_operand, train_max_operand]: far more sums than can be memorised, so the model has to
+    check the arithmetic (none of them is an eval addition). Columns: prompt, chosen, rejected
+    (conversational), answer and kind ('same_phrasing' or 'typical_mistake', see `preference_pair`).
+    Seeded; each split has its own stream.
     """
     if pairs_per_prompt < 1:
         raise ValueError(f"arithmetic_preferences: pairs_per_prompt must be >= 1, got {pairs_per_prompt}")
     if not 0 <= hard_fraction <= 1:
         raise ValueError(f"arithmetic_preferences: hard_fraction must be in [0, 1], got {hard_fraction}")
     prompts = TASKS.get("arithmetic")(split=split, seed=seed, max_operand=max_operand, eval_fraction=eval_fraction,
-                                      system_prompt=system_prompt)
-    rng = random.Random(f"arithmetic_preferences-{seed}-{split}")
-    rows: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "answer": [], "kind": []}
-    for prompt, answer in zip(prompts["prompt"], prompts["answer"]):
+                                      system_prompt=system_prompt)["prompt"]
+    operands = []
+    for prompt in prompts:
         m = _QUESTION.fullmatch(prompt[-1]["content"])
         if m is None:
             raise ValueError(f"arithmetic_preferences: unexpected arithmetic prompt {prompt[-1]['content']!r}")
-        a, b = int(m.group(1)), int(m.group(2))
+        operands.append((int(m.group(1)), int(m.group(2))))
+    if split == "train" and train_max_operand is not None and train_max_operand > max_operand:
+        extra = [(a, b) for a in range(train_max_operand + 1) for b in range(train_max_operand + 1) if max(a, b) > max_operand]
+        random.Random(seed).shuffle(extra)
+        head = prompts[0][:-1]  # the task's system message, if any
+        prompts = list(prompts) + [head + [{"role": "user", "content": f"What is {a} + {b}?"}] for a, b in extra]
+        operands += extra
+    rng = random.Random(f"arithmetic_preferences-{seed}-{split}")
+    rows: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "answer": [], "kind": []}
+    for prompt, (a, b) in zip(prompts, operands):
         for _ in range(pairs_per_prompt):
             chosen, rejected, kind = preference_pair(a, b, rng, hard_fraction)
             rows["prompt"].append(prompt)
             rows["chosen"].append([{"role": "assistant", "content": chosen}])
             rows["rejected"].append([{"role": "assistant", "content": rejected}])
-            rows["answer"].append(answer)
+            rows["answer"].append(a + b)
             rows["kind"].append(kind)
     return datasets.Dataset.from_dict(rows)

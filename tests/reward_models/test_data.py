@@ -131,3 +131,13 @@ def test_saved_dataset_dict_splits(tmp_path, tokenizer):
     datasets.DatasetDict({"other": datasets.Dataset.from_list(rows)}).save_to_disk(tmp_path / "bad")
     with pytest.raises(DataError, match=r"bad: saved DatasetDict has no 'train' split \(splits: other\)"):
         load_preference_dataset(str(tmp_path / "bad"))
+
+
+def test_arithmetic_preferences_wider_train_operands_never_touch_eval():
+    make = PREFERENCE_TASKS.get("arithmetic_preferences")
+    train, held = make("train", train_max_operand=12, pairs_per_prompt=1), make("eval", train_max_operand=12, pairs_per_prompt=1)
+    questions = lambda ds: {p[-1]["content"] for p in ds["prompt"]}  # noqa: E731
+    assert len(questions(train)) == 80 + (13 * 13 - 100) and len(held) == 20
+    assert held.to_list() == make("eval", pairs_per_prompt=1).to_list()  # eval is unchanged
+    assert not questions(train) & questions(held)
+    assert "What is 12 + 3?" in questions(train) and first_number_matches(train["chosen"], train["answer"]) == [1.0] * len(train)
