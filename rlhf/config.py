@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,12 +72,22 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "vLLM weight/compute dtype (auto: model.compute_dtype)")
+    kv_cache_gb: float = opt(1.0, "CPU: KV cache size in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = opt(0.3, "GPU: fraction of GPU memory vLLM takes (weights + KV cache); training uses the rest")
+    sleep: bool = opt(True, "GPU: free vLLM's weights and KV cache between generation and the next weight sync")
+    enforce_eager: bool = opt(True, "run eagerly (on CPU, compiled mode took ~70 s to start and was no faster; on GPU false enables CUDA graphs)")
+
+
+@dataclass
 class GenerationConfig:
-    engine: str = opt("hf", "generation engine: hf (transformers) or vllm")
+    engine: str = opt("hf", "generation engine: hf (transformers) or vllm (pip install 'rlhf[vllm]', see the Makefile)")
     max_new_tokens: int = opt(32, "maximum completion length in tokens")
     temperature: float = opt(1.0, "sampling temperature")
     top_p: float = opt(1.0, "nucleus sampling mass")
     top_k: int = opt(0, "top-k sampling (0: off)")
+    vllm: VLLMConfig = opt(VLLMConfig(), "settings of the vllm engine")
 
 
 @dataclass
@@ -87,18 +98,60 @@ class KLConfig:
 
 
 @dataclass
+class NaturalConfig:
+    max_kl: float = opt(0.01, "delta: KL budget of one npg/trpo step, the mean over tokens of KL(pi_old || pi)")
+    cg_iters: int = opt(10, "conjugate-gradient iterations solving F x = g (npg, trpo)")
+    damping: float = opt(0.1, "added to the Fisher diagonal, F + damping I, for a stable CG solve (npg, trpo)")
+    fisher_samples: int = opt(0, "sequences per process in the Fisher-vector products (0: all); fewer is faster "
+                                 "(Schulman et al. 2015 used 10% of the batch); their double-backprop graph is kept for CG")
+    backtrack_coef: float = opt(0.5, "trpo line search: factor the step shrinks by after each rejected try")
+    max_backtracks: int = opt(10, "trpo line search: shrinkings tried after the full step before keeping the old policy")
+
+
+@dataclass
+class MDPOConfig:
+    eta: float = opt(1.0, "mirror-descent step size: algo.update=mdpo adds (1/eta) KL(pi || pi_old) to the loss")
+
+
+@dataclass
+class DynamicSamplingConfig:
+    enabled: bool = opt(False, "DAPO dynamic sampling: drop groups whose rewards are all equal (no gradient) and "
+                               "generate more prompts until train.prompts_per_step groups remain")
+    max_extra_rounds: int = opt(3, "at most this many extra generation rounds per step; groups still missing "
+                                   "are filled with dropped ones")
+
+
+@dataclass
+class OverlongConfig:
+    buffer: int = opt(0, "DAPO soft overlong punishment: completions longer than max_new_tokens - buffer lose "
+                         "up to `penalty` linearly, reaching it at max_new_tokens (0: off)")
+    penalty: float = opt(1.0, "the overlong penalty at max_new_tokens")
+
+
+@dataclass
 class AlgoConfig:
     advantage: str = opt("grpo", "advantage estimator (rlhf.algos.ADVANTAGES)")
     policy_loss: str = opt("ppo_clip", "policy objective (rlhf.algos.POLICY_LOSSES)")
     loss_agg: str = opt("token_mean", "loss aggregation (rlhf.algos.LOSS_AGGREGATIONS)")
-    eps_low: float = opt(0.2, "PPO clip range below 1 (ratio >= 1 - eps_low)")
-    eps_high: float = opt(0.2, "PPO clip range above 1 (ratio <= 1 + eps_high); DAPO uses 0.28")
+    update: str = opt("adamw", "update rule (rlhf.algos.UPDATES): adamw, mdpo, npg or trpo")
+    eps_low: float = opt(0.2, "PPO clip range below 1 (ratio >= 1 - eps_low); gspo uses ~3e-4")
+    eps_high: float = opt(0.2, "PPO clip range above 1 (ratio <= 1 + eps_high); DAPO uses 0.28, gspo ~4e-4")
     dual_clip: Optional[float] = opt(None, "dual-clip constant c > 1 for negative advantages (None: off)")
     std_eps: float = opt(1e-4, "added to the group std before dividing (grpo)")
     gamma: float = opt(1.0, "discount factor for per-token returns")
     lam: float = opt(1.0, "GAE lambda")
     n_step: int = opt(3, "n for nstep_td")
+    is_correction: str = opt(
+        "none", "importance-sampling correction for the sampler/trainer mismatch (rlhf.algos.IS_CORRECTIONS): "
+        "none, token_truncate, token_mask or seq_mask"
+    )
+    is_cap: float = opt(2.0, "cap C on the ratio pi_old/pi_sampler for is_correction (> 1)")
+    mask_truncated: bool = opt(False, "exclude completions cut at generation.max_new_tokens (no EOS) from the loss (DAPO)")
     kl: KLConfig = opt(KLConfig(), "KL penalty to the reference policy")
+    natural: NaturalConfig = opt(NaturalConfig(), "natural-gradient updates (algo.update=npg or trpo)")
+    mdpo: MDPOConfig = opt(MDPOConfig(), "mirror-descent updates (algo.update=mdpo)")
+    dynamic_sampling: DynamicSamplingConfig = opt(DynamicSamplingConfig(), "DAPO dynamic sampling")
+    overlong: OverlongConfig = opt(OverlongConfig(), "DAPO soft overlong punishment")
 
 
 @dataclass
@@ -115,6 +168,10 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
+    max_skipped_steps: int = opt(
+        3, "optimizer steps with NaN/inf gradients are skipped and counted; this many in a row save a checkpoint "
+        "and stop the run with an error (0: never stop)"
+    )
     seed: int = opt(0, "seed for data order, sampling and initialisation")
 
 
@@ -129,22 +186,53 @@ class RewardSpec:
 class RewardConfig:
     functions: list[RewardSpec] = opt([RewardSpec(fn="first_number_matches")], "reward functions and weights")
     on_error: Literal["raise", "skip"] = opt("raise", "a raising function stops the run, or its samples score None")
-    timeout_s: Optional[float] = opt(None, "per-call timeout in seconds (None: no limit)")
+    timeout_s: Optional[float] = opt(
+        None, "per-call timeout in seconds; a call that hangs is abandoned and handled by reward.on_error (None: no limit)"
+    )
 
 
 @dataclass
 class CheckpointConfig:
     every: int = opt(0, "save a checkpoint every N RL steps (0: only at the end)")
-    keep_last: int = opt(2, "checkpoints kept on disk")
+    keep_last: int = opt(2, "checkpoints kept on disk (>= 1; the one `latest` points to is never deleted)")
     resume: str = opt("none", "'none', 'latest' (in output_dir) or a checkpoint directory")
     save_final: bool = opt(True, "save the final model with save_pretrained")
     merge_lora: bool = opt(False, "also save LoRA merged into the base weights")
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
 @dataclass
 class LogConfig:
-    completions_per_step: int = opt(4, "completions written to completions.jsonl per step")
-    progress: bool = opt(True, "show a progress bar")
+    completions_per_step: int = opt(4, "completions written to completions.jsonl per step (the first group's samples)")
+    completions_parquet: bool = opt(False, "also write each step's completions to completions/step_NNNNNN.parquet")
+    progress: bool = opt(True, "show a progress bar (ETA, live reward and KL) with one log line per step above it")
+    trackers: list[str] = opt(
+        ["tensorboard"], "experiment trackers through accelerate, any of tensorboard (<output_dir>/tensorboard), "
+        "wandb, mlflow ([] for none); wandb and mlflow need their package installed"
+    )
+    project: str = opt("rlhf", "wandb project / mlflow experiment name")
+    run_name: Optional[str] = opt(None, "run name shown by wandb and mlflow (default: the output_dir folder name)")
+    wandb_mode: Optional[Literal["online", "offline", "disabled"]] = opt(
+        None, "wandb mode (default: $WANDB_MODE, else wandb's own default); offline runs sync later with `wandb sync`"
+    )
+    mlflow_tracking_uri: Optional[str] = opt(
+        None, "mlflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local file store <output_dir>/mlruns)"
+    )
+    report: bool = opt(True, "`rlhf train` and recipe scripts end by writing <output_dir>/report.html (rlhf report)")
+
+
+@dataclass
+class EvalConfig:
+    k: int = opt(4, "pass@k: completions sampled per eval prompt at generation.temperature (0: greedy only)")
+    samples: int = opt(0, "samples per prompt for the unbiased pass@k estimate (0: k; more lowers its variance)")
+    threshold: float = opt(1.0, "a completion counts as correct when its combined reward >= threshold")
+    max_prompts: int = opt(0, "evaluate only the first N eval prompts (0: all)")
+    batch_size: int = opt(32, "eval prompts per generate call")
+    before_after: bool = opt(
+        True, "`rlhf train` and recipe scripts evaluate the policy on data.eval before and after training (eval.json)"
+    )
 
 
 @dataclass
@@ -157,7 +245,8 @@ class Config:
     train: TrainConfig = opt(TrainConfig(), "optimisation and batch sizes")
     reward: RewardConfig = opt(RewardConfig(), "reward functions")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpoints and resume")
-    log: LogConfig = opt(LogConfig(), "logging")
+    log: LogConfig = opt(LogConfig(), "logging, trackers and the report")
+    eval: EvalConfig = opt(EvalConfig(), "evaluation on data.eval (rlhf eval, and before/after training)")
 
     @property
     def samples_per_step(self) -> int:
@@ -169,6 +258,12 @@ class Config:
         for key in ("steps", "prompts_per_step", "samples_per_prompt", "micro_batch_size", "updates_per_batch"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+        if t.max_skipped_steps < 0:
+            raise ConfigError(f"train.max_skipped_steps must be >= 0, got {t.max_skipped_steps}")
+        if self.checkpoint.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
+        if self.reward.timeout_s is not None and self.reward.timeout_s <= 0:
+            raise ConfigError(f"reward.timeout_s must be > 0 (or null for no limit), got {self.reward.timeout_s}")
         if t.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {t.lr}")
         if t.prompts_per_step % world_size:
@@ -189,11 +284,34 @@ class Config:
             raise ConfigError(f"generation.temperature must be > 0, got {g.temperature}")
         if not 0 < g.top_p <= 1:
             raise ConfigError(f"generation.top_p must be in (0, 1], got {g.top_p}")
+        if g.top_k < 0:
+            raise ConfigError(f"generation.top_k must be >= 0 (0: off), got {g.top_k}")
+        if g.vllm.kv_cache_gb <= 0:
+            raise ConfigError(f"generation.vllm.kv_cache_gb must be > 0, got {g.vllm.kv_cache_gb}")
+        if not 0 < g.vllm.gpu_memory_utilization < 1:
+            raise ConfigError(f"generation.vllm.gpu_memory_utilization must be in (0, 1), got {g.vllm.gpu_memory_utilization}")
         a = self.algo
         if a.kl.coef < 0:
             raise ConfigError(f"algo.kl.coef must be >= 0, got {a.kl.coef}")
         if a.dual_clip is not None and a.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1, got {a.dual_clip}")
+        self._validate_log_and_eval()
+        for key, ok, rule in [
+            ("algo.eps_low", a.eps_low >= 0, ">= 0 (>= 1: no lower clip, as CISPO)"), ("algo.eps_high", a.eps_high >= 0, ">= 0"),
+            ("algo.std_eps", a.std_eps >= 0, ">= 0"), ("algo.gamma", 0 <= a.gamma <= 1, "in [0, 1]"),
+            ("algo.lam", 0 <= a.lam <= 1, "in [0, 1]"), ("algo.n_step", a.n_step >= 1, ">= 1"),
+            ("algo.natural.max_kl", a.natural.max_kl > 0, "> 0"), ("algo.natural.cg_iters", a.natural.cg_iters >= 1, ">= 1"),
+            ("algo.natural.damping", a.natural.damping >= 0, ">= 0"),
+            ("algo.natural.fisher_samples", a.natural.fisher_samples >= 0, ">= 0"),
+            ("algo.natural.backtrack_coef", 0 < a.natural.backtrack_coef < 1, "in (0, 1)"),
+            ("algo.natural.max_backtracks", a.natural.max_backtracks >= 0, ">= 0"),
+            ("algo.mdpo.eta", a.mdpo.eta > 0, "> 0"),
+            ("algo.dynamic_sampling.max_extra_rounds", a.dynamic_sampling.max_extra_rounds >= 0, ">= 0"),
+            ("algo.overlong.buffer", 0 <= a.overlong.buffer <= g.max_new_tokens, f"in [0, generation.max_new_tokens={g.max_new_tokens}]"),
+            ("algo.overlong.penalty", a.overlong.penalty >= 0, ">= 0"), ("algo.is_cap", a.is_cap > 1, "> 1"),
+        ]:
+            if not ok:
+                raise ConfigError(f"{key} must be {rule}, got {_get(self, key)}")
         if not self.reward.functions:
             raise ConfigError("reward.functions is empty: give at least one reward function")
         for i, spec in enumerate(self.reward.functions):
@@ -206,6 +324,8 @@ class Config:
             ("algo.policy_loss", algos.POLICY_LOSSES),
             ("algo.loss_agg", algos.LOSS_AGGREGATIONS),
             ("algo.kl.estimator", algos.KL_ESTIMATORS),
+            ("algo.is_correction", algos.IS_CORRECTIONS),
+            ("algo.update", algos.UPDATES),
         ):
             name = _get(self, key)
             try:
@@ -218,6 +338,37 @@ class Config:
             ENGINES.get(g.engine)
         except ValueError as e:
             raise ConfigError(f"generation.engine: {e}") from None
+        meta = ENGINES.meta(g.engine)
+        if meta.get("requires") and importlib.util.find_spec(meta["requires"]) is None:
+            raise ConfigError(
+                f"generation.engine={g.engine} needs the '{meta['requires']}' package, which is not installed "
+                f"(pip install 'rlhf[{meta['requires']}]'; on a CPU machine `make setup` installs its CPU build)"
+            )
+        if meta.get("max_processes") and world_size > meta["max_processes"]:
+            raise ConfigError(
+                f"generation.engine={g.engine} supports at most {meta['max_processes']} process(es), got {world_size} "
+                "(use generation.engine=hf for multi-process runs)"
+            )
+
+    def _validate_log_and_eval(self) -> None:
+        lg, ev = self.log, self.eval
+        if lg.completions_per_step < 0:
+            raise ConfigError(f"log.completions_per_step must be >= 0, got {lg.completions_per_step}")
+        import importlib.util
+
+        for name in lg.trackers:
+            if name not in TRACKERS:
+                raise ConfigError(f"log.trackers: unknown tracker '{name}'; choose from {', '.join(TRACKERS)}")
+            if importlib.util.find_spec(name) is None:  # the package names equal the tracker names
+                raise ConfigError(f"log.trackers includes '{name}' but the {name} package is not installed "
+                                  f"(pip install {name}, or remove it from log.trackers)")
+        for key in ("k", "samples", "max_prompts"):
+            if getattr(ev, key) < 0:
+                raise ConfigError(f"eval.{key} must be >= 0, got {getattr(ev, key)}")
+        if ev.samples and ev.samples < ev.k:
+            raise ConfigError(f"eval.samples={ev.samples} must be >= eval.k={ev.k} (or 0 for k)")
+        if ev.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be >= 1, got {ev.batch_size}")
 
     def derived_summary(self, world_size: int = 1) -> str:
         t = self.train

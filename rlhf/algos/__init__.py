@@ -1,7 +1,19 @@
-"""The algorithm core: small pure torch functions in registries, picked by name from a recipe."""
+"""The algorithm core: small pure torch functions in registries, picked by name from a recipe.
+
+    ADVANTAGES         algo.advantage     (inp, cfg) -> (adv_NT, ret_NT)
+    POLICY_LOSSES      algo.policy_loss   (logp_NT, old_logp_NT, adv_NT, mask_NT, cfg) -> (loss_NT, stats)
+    KL_ESTIMATORS      algo.kl.estimator  (logp_NT, ref_logp_NT) -> kl_NT
+    LOSS_AGGREGATIONS  algo.loss_agg      (loss_NT, mask_NT, norm) -> scalar
+    UPDATES            algo.update        (problem, cfg) -> list of per-optimizer-step metrics
+
+docs/algorithms.md lists every name with its formula and paper.
+"""
 from rlhf.algos.advantages import ADVANTAGES, AdvantageInputs
 from rlhf.algos.aggregate import LOSS_AGGREGATIONS, LossNormalizer
+from rlhf.algos.is_correction import IS_CORRECTIONS, logp_gap
 from rlhf.algos.kl import KL_ESTIMATORS
 from rlhf.algos.policy_loss import POLICY_LOSSES
+from rlhf.algos.updates import UPDATES, ExtraLoss, UpdateProblem
 
-__all__ = ["ADVANTAGES", "AdvantageInputs", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "LossNormalizer", "POLICY_LOSSES"]
+__all__ = ["ADVANTAGES", "AdvantageInputs", "ExtraLoss", "IS_CORRECTIONS", "KL_ESTIMATORS", "LOSS_AGGREGATIONS",
+           "LossNormalizer", "POLICY_LOSSES", "UPDATES", "UpdateProblem", "logp_gap"]

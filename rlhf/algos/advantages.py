@@ -1,11 +1,19 @@
 """Advantage and return estimators: `ADVANTAGES[name](inp, cfg) -> (adv_NT, ret_NT)`.
 
+Every estimator is a term Psi_t of the seed notes' family
+grad J = E[sum_t grad log pi(a_t|s_t) Psi_t]. Shapes: N samples (G contiguous rows per
+prompt: row n belongs to group n // G), T completion tokens (right-padded).
+
 All take per-token rewards `rewards_NT` (the sequence score sits on the last completion
 token; with `algo.kl.placement=in_reward` the per-token KL penalty is added everywhere),
 so outcome-based estimators use `score_N = rewards_NT.sum(-1)` and token-level ones use
-the rewards directly. Samples of one prompt are contiguous: row n belongs to group n // G.
-A sample whose score is NaN (no reward function applied) gets advantage 0 and is left out
-of its group's statistics.
+the rewards directly. A sample whose score is NaN (no reward function applied) gets
+advantage 0 and is left out of its group's statistics. `ret_NT` is the regression target
+of a critic (the return), or the advantage itself where there is no critic.
+
+Registry metadata: `needs_values=True` (td, nstep_td, gae) needs a critic;
+`group_relative=True` marks estimators whose advantage is 0 for a group whose rewards are
+all equal (those DAPO dynamic sampling may drop without changing the gradient).
 """
 from __future__ import annotations
 
@@ -42,7 +50,7 @@ def _group_view(score_N: Tensor, group_size: int) -> Tensor:
 
 
 def _group_mean_std(score_BG: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean and unbiased std over the finite entries of each group, plus the finite mask."""
+    """mean_B1, unbiased std_B1 over the finite entries of each group, and the finite mask valid_BG."""
     valid_BG = torch.isfinite(score_BG)
     n_B1 = valid_BG.sum(-1, keepdim=True).clamp(min=1)
     x_BG = torch.where(valid_BG, score_BG, 0.0)
@@ -52,37 +60,42 @@ def _group_mean_std(score_BG: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _broadcast(adv_N: Tensor, mask_NT: Tensor) -> tuple[Tensor, Tensor]:
+    """A sequence-level advantage on every completion token: (adv_NT, ret_NT = adv_NT)."""
     adv_NT = torch.nan_to_num(adv_N, nan=0.0).unsqueeze(-1) * mask_NT
     return adv_NT, adv_NT.clone()
 
 
-@ADVANTAGES.register("grpo")
+@ADVANTAGES.register("grpo", group_relative=True)
 def grpo(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
-    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps), on every token (Shao et al. 2024, DeepSeekMath)."""
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps) on every token of sample i.
+
+    r_i = score_N, std is the unbiased group std, eps = `algo.std_eps`.
+    Shao et al. 2024, DeepSeekMath (GRPO).
+    """
     score_BG = _group_view(sequence_scores(inp), inp.group_size)
     mean_B1, std_B1, valid_BG = _group_mean_std(score_BG)
     adv_BG = torch.where(valid_BG, (score_BG - mean_B1) / (std_B1 + cfg.std_eps), 0.0)
     return _broadcast(adv_BG.reshape(-1), inp.mask_NT)
 
 
-@ADVANTAGES.register("dr_grpo")
+@ADVANTAGES.register("dr_grpo", group_relative=True)
 def dr_grpo(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
-    """A_i = r_i - mean(r_group): GRPO without the std division (Liu et al. 2025, Dr. GRPO)."""
+    """A_i = r_i - mean(r_group): GRPO without the std division (Liu et al. 2025, Dr. GRPO).
+
+    Pair it with `algo.loss_agg=seq_mean_token_sum_norm` for the paper's length-unbiased loss.
+    """
     score_BG = _group_view(sequence_scores(inp), inp.group_size)
     mean_B1, _, valid_BG = _group_mean_std(score_BG)
     adv_BG = torch.where(valid_BG, score_BG - mean_B1, 0.0)
     return _broadcast(adv_BG.reshape(-1), inp.mask_NT)
 
 
-@ADVANTAGES.register("reinforce_baseline")
-def reinforce_baseline(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
-    """A_i = r_i - mean(r_group): REINFORCE with the group mean as baseline b(s) (Williams 1992)."""
-    return dr_grpo(inp, cfg)
-
-
-@ADVANTAGES.register("rloo")
+@ADVANTAGES.register("rloo", group_relative=True)
 def rloo(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
-    """A_i = r_i - mean_{j != i} r_j, the leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024)."""
+    """A_i = r_i - mean_{j != i} r_j, the leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024).
+
+    The baseline does not depend on sample i, so the estimator is unbiased.
+    """
     score_BG = _group_view(sequence_scores(inp), inp.group_size)
     valid_BG = torch.isfinite(score_BG)
     x_BG = torch.where(valid_BG, score_BG, 0.0)
@@ -94,7 +107,7 @@ def rloo(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
 
 
 def discounted_returns(rewards_NT: Tensor, mask_NT: Tensor, gamma: float) -> Tensor:
-    """ret_t = sum_{tau >= t} gamma^(tau - t) r_tau within each sequence (the causality trick)."""
+    """ret_NT[n, t] = sum_{tau >= t} gamma^(tau - t) r_tau within each sequence (the causality trick)."""
     r_NT = torch.nan_to_num(rewards_NT * mask_NT, nan=0.0)
     ret_NT = torch.zeros_like(r_NT)
     running_N = torch.zeros_like(r_NT[:, 0])
@@ -106,24 +119,52 @@ def discounted_returns(rewards_NT: Tensor, mask_NT: Tensor, gamma: float) -> Ten
 
 @ADVANTAGES.register("reinforce")
 def reinforce(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
-    """A_t = sum_{tau >= t} gamma^(tau-t) R_tau: REINFORCE with reward-to-go (Williams 1992)."""
+    """Psi_t = G_t = sum_{tau >= t} gamma^(tau-t) R_tau: REINFORCE with reward-to-go (Williams 1992).
+
+    No baseline: high variance. gamma = `algo.gamma`. With gamma = 1 (the default) this is the
+    seed's unbiased estimator of grad J; with gamma < 1 it is the common practice of dropping
+    the gamma^t factor of the seed's Psi_t = gamma^t G_t, which favours later tokens (Thomas 2014).
+    """
     ret_NT = discounted_returns(inp.rewards_NT, inp.mask_NT, cfg.gamma)
     return ret_NT, ret_NT.clone()
 
 
+@ADVANTAGES.register("reinforce_baseline", group_relative=True)
+def reinforce_baseline(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
+    """Psi_t = G_t - b: reward-to-go minus the group mean of the sequence returns (Williams 1992).
+
+    G_t as in `reinforce`; b = mean over the prompt's G valid samples of G_0, a baseline that
+    depends on the prompt only (the seed's "REINFORCE with baseline" with b(s) = group mean).
+    With an outcome reward and gamma = 1 this equals `dr_grpo`; it differs when rewards are
+    per token (KL in the reward) or gamma < 1, where each token keeps only its future rewards.
+    """
+    valid_N = torch.isfinite(sequence_scores(inp))
+    ret_NT = discounted_returns(inp.rewards_NT, inp.mask_NT, cfg.gamma)
+    g0_BG = _group_view(torch.where(valid_N, ret_NT[:, 0], float("nan")), inp.group_size)
+    mean_B1, _, _ = _group_mean_std(g0_BG)
+    baseline_N = mean_B1.expand_as(g0_BG).reshape(-1)
+    adv_NT = (ret_NT - baseline_N.unsqueeze(-1)) * inp.mask_NT * valid_N.unsqueeze(-1)
+    return adv_NT, ret_NT
+
+
 @ADVANTAGES.register("reinforce_pp")
 def reinforce_pp(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
-    """REINFORCE++ (Hu 2025): token reward-to-go, whitened over all tokens of the batch."""
+    """REINFORCE++ (Hu 2025): A_t = (G_t - mean(G)) / std(G), whitened over every valid token of the batch.
+
+    G_t is the token reward-to-go (as `reinforce`); pair with `algo.kl.placement=in_reward`
+    as in the paper. The statistics are over this process's batch.
+    """
+    valid_N = torch.isfinite(sequence_scores(inp))
     ret_NT = discounted_returns(inp.rewards_NT, inp.mask_NT, cfg.gamma)
-    m = inp.mask_NT.bool()
-    if m.sum() < 2:
+    m_NT = inp.mask_NT.bool() & valid_N.unsqueeze(-1)
+    if m_NT.sum() < 2:
         return torch.zeros_like(ret_NT), ret_NT
-    adv_NT = (ret_NT - ret_NT[m].mean()) / (ret_NT[m].std() + 1e-8) * inp.mask_NT
+    adv_NT = (ret_NT - ret_NT[m_NT].mean()) / (ret_NT[m_NT].std() + 1e-8) * m_NT
     return adv_NT, ret_NT
 
 
 def _next_values(values_NT: Tensor, mask_NT: Tensor, k: int) -> Tensor:
-    """V(s_{t+k}), 0 past the end of each sequence (the episode terminates)."""
+    """V(s_{t+k}) as [N, T], 0 past the end of each sequence (the episode terminates)."""
     v_NT = values_NT * mask_NT
     out = torch.zeros_like(v_NT)
     if k < v_NT.shape[1]:
@@ -131,37 +172,47 @@ def _next_values(values_NT: Tensor, mask_NT: Tensor, k: int) -> Tensor:
     return out
 
 
+def _require_values(inp: AdvantageInputs, name: str) -> Tensor:
+    if inp.values_NT is None:
+        raise ValueError(f"advantage '{name}' needs critic values (AdvantageInputs.values_NT)")
+    return inp.values_NT
+
+
 @ADVANTAGES.register("td", needs_values=True)
 def td(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
-    """A_t = R_t + gamma V(s_{t+1}) - V(s_t): the 1-step TD error; return = R_t + gamma V(s_{t+1})."""
-    return _nstep(inp, cfg.gamma, 1)
+    """A_t = R_t + gamma V(s_{t+1}) - V(s_t): the 1-step TD error (the seed's "1-step TD"); ret_t = R_t + gamma V(s_{t+1})."""
+    return _nstep(inp, cfg.gamma, 1, "td")
 
 
 @ADVANTAGES.register("nstep_td", needs_values=True)
 def nstep_td(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
-    """A_t = sum_{k<n} gamma^k R_{t+k} + gamma^n V(s_{t+n}) - V(s_t), n = cfg.n_step."""
-    return _nstep(inp, cfg.gamma, cfg.n_step)
+    """A_t = sum_{k<n} gamma^k R_{t+k} + gamma^n V(s_{t+n}) - V(s_t), n = `algo.n_step` (the seed's n-step TD)."""
+    return _nstep(inp, cfg.gamma, cfg.n_step, "nstep_td")
 
 
-def _nstep(inp: AdvantageInputs, gamma: float, n: int) -> tuple[Tensor, Tensor]:
-    assert inp.values_NT is not None, "needs values"
+def _nstep(inp: AdvantageInputs, gamma: float, n: int, name: str) -> tuple[Tensor, Tensor]:
+    values_NT = _require_values(inp, name)
     r_NT = torch.nan_to_num(inp.rewards_NT * inp.mask_NT, nan=0.0)
     T = r_NT.shape[1]
     ret_NT = torch.zeros_like(r_NT)
     for k in range(min(n, T)):
         ret_NT[:, : T - k] += gamma**k * r_NT[:, k:]
-    ret_NT = (ret_NT + gamma**n * _next_values(inp.values_NT, inp.mask_NT, n)) * inp.mask_NT
-    adv_NT = (ret_NT - inp.values_NT) * inp.mask_NT
+    ret_NT = (ret_NT + gamma**n * _next_values(values_NT, inp.mask_NT, n)) * inp.mask_NT
+    adv_NT = (ret_NT - values_NT) * inp.mask_NT
     return adv_NT, ret_NT
 
 
 @ADVANTAGES.register("gae", needs_values=True)
 def gae(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
-    """GAE(gamma, lambda) (Schulman et al. 2015): A_t = sum_l (gamma lambda)^l delta_{t+l}; return = A + V."""
-    assert inp.values_NT is not None, "needs values"
+    """GAE(gamma, lambda) (Schulman et al. 2015): A_t = sum_l (gamma lambda)^l delta_{t+l}, ret_t = A_t + V(s_t).
+
+    delta_t = R_t + gamma V(s_{t+1}) - V(s_t); lambda = `algo.lam`. lambda = 1 gives the
+    Monte-Carlo return minus V, lambda = 0 the 1-step TD error.
+    """
+    values_NT = _require_values(inp, "gae")
     r_NT = torch.nan_to_num(inp.rewards_NT * inp.mask_NT, nan=0.0)
-    v_NT = inp.values_NT * inp.mask_NT
-    delta_NT = r_NT + cfg.gamma * _next_values(inp.values_NT, inp.mask_NT, 1) - v_NT
+    v_NT = values_NT * inp.mask_NT
+    delta_NT = r_NT + cfg.gamma * _next_values(values_NT, inp.mask_NT, 1) - v_NT
     adv_NT = torch.zeros_like(r_NT)
     running_N = torch.zeros_like(r_NT[:, 0])
     for t in reversed(range(r_NT.shape[1])):

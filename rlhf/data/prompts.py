@@ -2,6 +2,7 @@
 format (chat template for message lists) and serve seeded, resumable, rank-sharded batches."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,11 @@ class DataError(ValueError):
 
 
 def load_prompt_dataset(spec: str, split: str = "train", task_args: dict | None = None, seed: int = 0) -> datasets.Dataset:
-    """A task name (its `split`), a jsonl/json/csv/parquet file, or a `save_to_disk` directory."""
+    """A task name (its `split`), a jsonl/json/csv/parquet file, or a `save_to_disk` directory.
+
+    From a saved DatasetDict, split 'train' reads its 'train' split; any other split (eval)
+    reads that split, else 'eval', 'test' or 'validation', whichever it has first.
+    """
     if spec in TASKS:
         return TASKS.get(spec)(split=split, seed=seed, **(task_args or {}))
     path = Path(spec).expanduser()
@@ -29,9 +34,12 @@ def load_prompt_dataset(spec: str, split: str = "train", task_args: dict | None 
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
-                if "train" not in ds:
-                    raise DataError(f"{path}: saved DatasetDict has no 'train' split (splits: {', '.join(ds)})")
-                ds = ds["train"]
+                names = ("train",) if split == "train" else (split, "eval", "test", "validation")
+                found = next((n for n in names if n in ds), None)
+                if found is None:
+                    raise DataError(f"{path}: saved DatasetDict has no {' / '.join(repr(n) for n in dict.fromkeys(names))} "
+                                    f"split (splits: {', '.join(ds)})")
+                ds = ds[found]
             return ds
         fmt = FORMATS.get(path.suffix.lower())
         if fmt is None:
@@ -40,7 +48,33 @@ def load_prompt_dataset(spec: str, split: str = "train", task_args: dict | None 
     except DataError:
         raise
     except Exception as e:  # datasets wraps parse errors in many types
-        raise DataError(f"{path}: cannot read prompts: {type(e).__name__}: {e}") from None
+        raise DataError(f"{path}: cannot read prompts: {_read_problem(path, e)}") from None
+
+
+def _read_problem(path: Path, err: BaseException) -> str:
+    """The most precise reason a file failed to load: the bad line of a JSON-lines file, else the root cause."""
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = list(f)
+        except (OSError, UnicodeDecodeError) as e:
+            return f"{type(e).__name__}: {e}"
+        if path.suffix.lower() == ".jsonl" or (lines and lines[0].lstrip().startswith("{") and len(lines) > 1):
+            for n, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"line {n + 1} (row {n}): invalid JSON: {e.msg} at column {e.colno}"
+                if not isinstance(row, dict):
+                    return f"line {n + 1} (row {n}): expected a JSON object, got {type(row).__name__}"
+    chain, cause = [], err
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    root = next((c for c in chain if type(c).__name__ != "DatasetGenerationError" and c is not err), err)
+    return f"{type(root).__name__}: {root}"
 
 
 def is_conversational(prompt: Any) -> bool:

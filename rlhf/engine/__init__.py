@@ -1,4 +1,9 @@
-"""Generation engines behind one protocol; `ENGINES[name](model, tokenizer, cfg)` builds one."""
+"""Generation engines behind one protocol; `ENGINES[name](model, tokenizer, cfg)` builds one.
+
+Each entry declares in its metadata what it offers and needs: `sampler_logps` (the engine
+returns the sampled tokens' log-probs at no extra cost, so the trainer always asks for them and
+logs the sampler/trainer gap), `requires` (an optional package) and `max_processes`.
+"""
 from rlhf.engine.base import GenerationEngine, Rollouts, SamplingParams
 from rlhf.registry import Registry
 
@@ -10,6 +15,13 @@ def _hf(model, tokenizer, cfg):
     from rlhf.engine.hf import HFEngine
 
     return HFEngine(model, tokenizer, cfg)
+
+
+@ENGINES.register("vllm", sampler_logps=True, requires="vllm", max_processes=1)
+def _vllm(model, tokenizer, cfg):
+    from rlhf.engine.vllm import VLLMEngine  # vllm itself is imported only when the engine is built
+
+    return VLLMEngine(model, tokenizer, cfg)
 
 
 __all__ = ["ENGINES", "GenerationEngine", "Rollouts", "SamplingParams"]

@@ -1,9 +1,21 @@
-"""Token log-probabilities of completions without keeping fp32 full-vocabulary logits around.
+"""Token log-probabilities of completions, with shared-prompt packing and no fp32 full-vocabulary logits kept.
 
-The policy forward returns logits only for completion positions (`logits_to_keep`), in
-the compute dtype (bf16 under autocast). `token_logprobs` turns them into log pi(a_t|s_t)
-chunk by chunk in fp32 and, in backward, rebuilds softmax from the saved bf16 logits and
-the per-token log-sum-exp, so no fp32 [N, T, V] tensor is ever stored.
+Packing: the G completions of a prompt go through the model in ONE row with ONE copy of the prompt.
+Row layout (prompts left-padded so every prompt ends at column P):
+
+    [pad.. prompt | c_1 | c_2 | ... | c_k | pad..]
+
+A block attention mask lets each completion see the prompt and itself (causally), never
+another completion; position ids restart at the prompt length for every completion, so each
+completion gets exactly the positions and context it had when it was sampled. Forward and
+backward cost drops from G x (prompt + completion) tokens to prompt + G x completion tokens.
+The logit at the prompt's last position predicts the first token of every completion, so
+log-probs are gathered with an index (`_IndexedLogProb`), one logit row per target token.
+Without sharing (`share_prompts=False`) every sample gets its own row: the usual padded layout.
+
+Only logits from the last prompt column on are produced (`logits_to_keep`), in the compute
+dtype; they are turned into log-probs chunk by chunk in fp32, and backward rebuilds softmax
+from the saved logits and the per-row log-sum-exp, so no fp32 [tokens, vocab] tensor is kept.
 """
 from __future__ import annotations
 
@@ -14,116 +26,172 @@ from torch import Tensor
 
 from rlhf.models.precision import autocast
 
-CHUNK_TOKENS = 1024  # rows of the [N*T, V] logits handled at once in fp32
+CHUNK_ROWS = 1024
 
 
 @dataclass
-class TokenBatch:
-    """prompt (left-padded to P) + completion (right-padded to T) for a forward pass."""
-
-    input_ids_NL: Tensor
-    attention_mask_NL: Tensor
-    position_ids_NL: Tensor
-    completion_ids_NT: Tensor
-    mask_NT: Tensor  # float, 1.0 on completion tokens (EOS included)
-
-    @property
-    def prompt_len(self) -> int:
-        return self.input_ids_NL.shape[1] - self.completion_ids_NT.shape[1]
-
-
-def collate(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, device=None) -> TokenBatch:
-    """Pack variable-length prompts and completions with the least padding that keeps one prompt length P."""
-    P = max(len(p) for p in prompt_ids)
-    T = max(1, max(len(c) for c in completion_ids))
-    N = len(prompt_ids)
-    ids = torch.full((N, P + T), pad_id, dtype=torch.long)
-    attn = torch.zeros((N, P + T), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        ids[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
-        attn[i, P - len(p): P] = 1
-        if c:
-            ids[i, P: P + len(c)] = torch.tensor(c, dtype=torch.long)
-            attn[i, P: P + len(c)] = 1
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    mask = attn[:, P:].float()
-    batch = TokenBatch(ids, attn, pos, ids[:, P:].clone(), mask)
-    if device is not None:
-        batch = TokenBatch(*(t.to(device) for t in (ids, attn, pos, batch.completion_ids_NT, mask)))
-    return batch
+class PackedBatch:
+    input_ids_RL: Tensor
+    position_ids_RL: Tensor
+    visible_RLL: Tensor  # bool: query l may attend to key l'
+    keep: int  # logits are kept for the last `keep` columns (from the last prompt column on)
+    row_M: Tensor  # for each completion token m: its row in the flattened kept logits [R * keep]
+    target_M: Tensor  # the token id it predicts
+    sample_M: Tensor  # which sample (0..N-1) the token belongs to
+    pos_M: Tensor  # its index inside the sample's completion
+    num_samples: int
+    max_len: int  # T, the longest completion
 
 
-class _TokenLogProb(torch.autograd.Function):
-    """logp = x_y - logsumexp(x), x = logits / temperature; also returns the (non-differentiable) entropy."""
+def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, share_prompts: bool = True) -> PackedBatch:
+    """One row per run of consecutive samples with identical prompts (or per sample without sharing)."""
+    rows: list[tuple[list[int], list[int]]] = []  # (prompt, sample indices)
+    for i, p in enumerate(prompt_ids):
+        if share_prompts and rows and rows[-1][0] == p:
+            rows[-1][1].append(i)
+        else:
+            rows.append((p, [i]))
+    P = max(len(p) for p, _ in rows)
+    widths = [sum(len(completion_ids[i]) for i in idx) for _, idx in rows]
+    L = P + max(widths)
+    R = len(rows)
+    ids = torch.full((R, L), pad_id, dtype=torch.long)
+    pos = torch.zeros((R, L), dtype=torch.long)
+    seg = torch.full((R, L), -2, dtype=torch.long)  # -1 prompt, i >= 0 completion i, -2 padding
+    row_M, target_M, sample_M, pos_M = [], [], [], []
+    keep = L - (P - 1)
+    for r, (p, idx) in enumerate(rows):
+        ids[r, P - len(p): P] = torch.tensor(p, dtype=torch.long)
+        pos[r, P - len(p): P] = torch.arange(len(p))
+        seg[r, P - len(p): P] = -1
+        start = P
+        for s, i in enumerate(idx):
+            c = completion_ids[i]
+            if not c:
+                continue
+            ids[r, start: start + len(c)] = torch.tensor(c, dtype=torch.long)
+            pos[r, start: start + len(c)] = len(p) + torch.arange(len(c))
+            seg[r, start: start + len(c)] = s
+            # token j is predicted by the logit at column start + j - 1 (the prompt's last column for j = 0)
+            cols = [P - 1] + list(range(start, start + len(c) - 1))
+            row_M += [r * keep + col - (P - 1) for col in cols]
+            target_M += c
+            sample_M += [i] * len(c)
+            pos_M += list(range(len(c)))
+            start += len(c)
+    q, k = seg.unsqueeze(2), seg.unsqueeze(1)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    visible = causal & ((k == -1) | (k == q))
+    visible |= torch.eye(L, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax)
+    as_t = lambda x: torch.tensor(x, dtype=torch.long)
+    return PackedBatch(ids, pos, visible, keep, as_t(row_M), as_t(target_M), as_t(sample_M), as_t(pos_M),
+                       len(prompt_ids), max((len(c) for c in completion_ids), default=1) or 1)
 
-    @staticmethod
-    def forward(ctx, logits_NTV: Tensor, ids_NT: Tensor, temperature: float):
-        N, T, V = logits_NTV.shape
-        flat = logits_NTV.reshape(-1, V)
-        ids = ids_NT.reshape(-1, 1)
-        logp = torch.empty(N * T, dtype=torch.float32, device=flat.device)
-        lse = torch.empty_like(logp)
-        ent = torch.empty_like(logp)
-        for i in range(0, N * T, CHUNK_TOKENS):
-            x = flat[i: i + CHUNK_TOKENS].float() / temperature
-            lse_c = torch.logsumexp(x, -1)
-            lse[i: i + CHUNK_TOKENS] = lse_c
-            logp[i: i + CHUNK_TOKENS] = x.gather(-1, ids[i: i + CHUNK_TOKENS]).squeeze(-1) - lse_c
-            p = torch.exp(x - lse_c.unsqueeze(-1))
-            ent[i: i + CHUNK_TOKENS] = lse_c - (p * x).sum(-1)
-        ctx.save_for_backward(logits_NTV, ids_NT, lse)
-        ctx.temperature = temperature
-        ctx.mark_non_differentiable(ent)
-        return logp.view(N, T), ent.view(N, T)
 
-    @staticmethod
-    def backward(ctx, grad_logp_NT: Tensor, _grad_ent):
-        logits_NTV, ids_NT, lse = ctx.saved_tensors
-        N, T, V = logits_NTV.shape
-        flat = logits_NTV.reshape(-1, V)
-        ids = ids_NT.reshape(-1, 1)
-        g = grad_logp_NT.reshape(-1, 1).float()
-        grad = torch.empty_like(flat)
-        for i in range(0, N * T, CHUNK_TOKENS):
-            x = flat[i: i + CHUNK_TOKENS].float() / ctx.temperature
-            gi = g[i: i + CHUNK_TOKENS]
-            d = -torch.exp(x - lse[i: i + CHUNK_TOKENS].unsqueeze(-1)) * gi  # d logp / dx = onehot - softmax
-            d.scatter_add_(-1, ids[i: i + CHUNK_TOKENS], gi)
-            grad[i: i + CHUNK_TOKENS] = (d / ctx.temperature).to(grad.dtype)
-        return grad.view(N, T, V), None, None
+class _IndexedLogProb(torch.autograd.Function):
+    """logp_m = x[row_m, tgt_m] - logsumexp(x[row_m]), x = logits / temperature, computed in fp32 chunks.
 
-
-def token_logprobs(logits_NTV: Tensor, ids_NT: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(logp_NT, entropy_NT) in fp32 from logits of any dtype; differentiable in logp."""
-    return _TokenLogProb.apply(logits_NTV, ids_NT, temperature)
-
-
-def completion_logprobs(
-    model: torch.nn.Module, batch: TokenBatch, temperature: float = 1.0, compute_dtype: str = "fp32"
-) -> tuple[Tensor, Tensor]:
-    """(logp_NT, entropy_NT) of each completion token under `model` (call through the DDP/FSDP wrapper).
-
-    Only the T + 1 last positions produce logits (P-1 .. P+T-1); the last is dropped.
+    A logit row may serve several targets (the prompt's last column serves every completion).
+    Backward rebuilds softmax from the saved (bf16) logits and log-sum-exp: no fp32 [rows, V] is kept.
     """
-    T = batch.completion_ids_NT.shape[1]
-    with autocast(compute_dtype, batch.input_ids_NL.device):
-        out = model(
-            input_ids=batch.input_ids_NL,
-            attention_mask=batch.attention_mask_NL,
-            position_ids=batch.position_ids_NL,
-            use_cache=False,
-            logits_to_keep=T + 1,
-        )
-    logits_NTV = out.logits[:, :-1]
-    logp_NT, ent_NT = token_logprobs(logits_NTV, batch.completion_ids_NT, temperature)
-    return logp_NT * batch.mask_NT, ent_NT.detach() * batch.mask_NT
+
+    @staticmethod
+    def forward(ctx, logits_KV: Tensor, row_M: Tensor, target_M: Tensor, temperature: float):
+        used = torch.unique(row_M)
+        lse_K = torch.zeros(logits_KV.shape[0], dtype=torch.float32, device=logits_KV.device)
+        ent_K = torch.zeros_like(lse_K)
+        for i in range(0, len(used), CHUNK_ROWS):
+            r = used[i: i + CHUNK_ROWS]
+            x = logits_KV[r].float() / temperature
+            lse = torch.logsumexp(x, -1)
+            lse_K[r] = lse
+            ent_K[r] = lse - (torch.softmax(x, -1) * x).sum(-1)
+        logp_M = logits_KV[row_M, target_M].float() / temperature - lse_K[row_M]
+        ctx.save_for_backward(logits_KV, row_M, target_M, lse_K, used)
+        ctx.temperature = temperature
+        ent_M = ent_K[row_M]
+        ctx.mark_non_differentiable(ent_M)
+        return logp_M, ent_M
+
+    @staticmethod
+    def backward(ctx, grad_M: Tensor, _grad_ent):
+        logits_KV, row_M, target_M, lse_K, used = ctx.saved_tensors
+        t = ctx.temperature
+        g = grad_M.float()
+        coef_K = torch.zeros_like(lse_K).index_add_(0, row_M, g)  # d/dx of -lse, summed over targets
+        grad = torch.zeros_like(logits_KV)
+        for i in range(0, len(used), CHUNK_ROWS):
+            r = used[i: i + CHUNK_ROWS]
+            p = torch.exp(logits_KV[r].float() / t - lse_K[r].unsqueeze(-1))
+            grad[r] = (-p * coef_K[r].unsqueeze(-1) / t).to(grad.dtype)
+        grad.index_put_((row_M, target_M), (g / t).to(grad.dtype), accumulate=True)
+        return grad, None, None, None
+
+
+def _attention_mask(model: torch.nn.Module, visible_RLL: Tensor, dtype: torch.dtype) -> Tensor:
+    """4D mask in the form the model's attention implementation takes: bool for sdpa, additive otherwise."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+    mask = visible_RLL.unsqueeze(1)
+    if impl == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def model_inputs(model: torch.nn.Module, pb: PackedBatch, compute_dtype: str, device) -> dict:
+    """Forward kwargs for a packed batch; outputs are kept from the last prompt column on."""
+    base = getattr(model, "module", model)  # DDP wrapper -> the model, for its config only
+    dtype = torch.bfloat16 if compute_dtype == "bf16" else torch.float32
+    return dict(
+        input_ids=pb.input_ids_RL.to(device),
+        position_ids=pb.position_ids_RL.to(device),
+        attention_mask=_attention_mask(base, pb.visible_RLL.to(device), dtype),
+        use_cache=False,
+        logits_to_keep=pb.keep,
+    )
+
+
+def scatter_tokens(pb: PackedBatch, values_M: Tensor) -> Tensor:
+    """Per-token values in packed order -> [N, T], zero past each completion's end."""
+    out_NT = torch.zeros(pb.num_samples, pb.max_len, dtype=values_M.dtype, device=values_M.device)
+    return out_NT.index_put((pb.sample_M.to(values_M.device), pb.pos_M.to(values_M.device)), values_M)
+
+
+def packed_logprobs(model: torch.nn.Module, pb: PackedBatch, temperature: float = 1.0, compute_dtype: str = "fp32",
+                    device=None) -> tuple[Tensor, Tensor]:
+    """(logp_NT, entropy_NT) for the packed samples, zero past each completion's end."""
+    device = device or pb.input_ids_RL.device
+    with autocast(compute_dtype, device):
+        logits = model(**model_inputs(model, pb, compute_dtype, device)).logits
+    logits_KV = logits.reshape(-1, logits.shape[-1])
+    logp_M, ent_M = _IndexedLogProb.apply(logits_KV, pb.row_M.to(device), pb.target_M.to(device), temperature)
+    return scatter_tokens(pb, logp_M), scatter_tokens(pb, ent_M.detach())
 
 
 def sample_logprobs(model: torch.nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, *,
                     temperature: float = 1.0, compute_dtype: str = "fp32", device=None, pack_prompts: bool = True) -> tuple[Tensor, Tensor]:
-    """(logp_NT, entropy_NT) of the completions, T = the longest one; packed (one prompt copy per group) or padded."""
-    if pack_prompts:
-        from rlhf.models.packing import pack, packed_logprobs
+    """(logp_NT, entropy_NT) of the completions under `model` (call it through its DDP/FSDP wrapper when training).
 
-        return packed_logprobs(model, pack(prompt_ids, completion_ids, pad_id), temperature, compute_dtype, device)
-    return completion_logprobs(model, collate(prompt_ids, completion_ids, pad_id, device), temperature, compute_dtype)
+    T is the longest completion; entries past a completion's end are 0.
+    """
+    pb = pack(prompt_ids, completion_ids, pad_id, share_prompts=pack_prompts)
+    return packed_logprobs(model, pb, temperature, compute_dtype, device)
+
+
+def sample_log_softmax(model: torch.nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, *,
+                       temperature: float = 1.0, compute_dtype: str = "fp32", device=None,
+                       pack_prompts: bool = True) -> tuple[Tensor, PackedBatch]:
+    """(logp_MV, packed batch): the full log-softmax over the vocabulary for every completion token m
+    (token m is sample `pb.sample_M[m]`, position `pb.pos_M[m]`, id `pb.target_M[m]`), in fp32.
+
+    Differentiable to any order, for the exact KL and its Fisher-vector products
+    (`rlhf.algos.natural`): attention runs on PyTorch's math kernel, the only one with a
+    double backward. Memory: one fp32 [M, V] tensor, so keep micro-batches small.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    pb = pack(prompt_ids, completion_ids, pad_id, share_prompts=pack_prompts)
+    device = device or pb.input_ids_RL.device
+    with autocast(compute_dtype, device), sdpa_kernel([SDPBackend.MATH]):
+        logits = model(**model_inputs(model, pb, compute_dtype, device)).logits
+    logits_MV = logits.reshape(-1, logits.shape[-1])[pb.row_M.to(device)]
+    return torch.log_softmax(logits_MV.float() / temperature, -1), pb

@@ -9,10 +9,10 @@ and `on_error` ('raise' or 'skip') apply to every function alike.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import inspect
 import math
 import numbers
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -42,7 +42,6 @@ class RewardModule:
                 raise ValueError(f"two reward functions are named '{name}'; give one a `name`")
             self.fns.append((name, fn, float(spec.weight)))
         self.on_error, self.timeout_s = on_error, timeout_s
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="reward")
 
     @property
     def names(self) -> list[str]:
@@ -55,60 +54,75 @@ class RewardModule:
         per_fn, stats = {}, {}
         for name, fn, weight in self.fns:
             kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-            values, failed = self._score(name, fn, kwargs, N)
+            values, counts = self._score(name, fn, kwargs, N)
             for i, v in enumerate(values):
                 if v is not None:
                     total[i] += weight * v
                     scored[i] = True
             per_fn[name] = values
             stats[f"reward/{name}/unscored"] = float(sum(v is None for v in values))
-            stats[f"reward/{name}/errors"] = float(failed)
+            stats[f"reward/{name}/errors"] = float(counts["errors"])
+            stats[f"reward/{name}/timeouts"] = float(counts["timeouts"])
         scores = torch.where(scored, total, torch.full_like(total, float("nan"))).float()
+        stats["reward/unscored"] = float((~scored).sum())
         stats["reward/unscored_frac"] = float((~scored).float().mean())
         return RewardResult(scores_N=scores, per_fn=per_fn, stats=stats)
 
     # --------------------------------------------------------------------- one function
 
-    def _score(self, name: str, fn: Callable, kwargs: dict, N: int) -> tuple[list[Optional[float]], int]:
+    def _score(self, name: str, fn: Callable, kwargs: dict, N: int) -> tuple[list[Optional[float]], dict[str, int]]:
+        """Validated values of one function and its counts {'errors', 'timeouts'}."""
         try:
-            return self._validate(name, self._invoke(name, fn, kwargs), N), 0
+            return self._validate(name, self._invoke(fn, kwargs), N), {"errors": 0, "timeouts": 0}
         except _BadOutput:
             raise
-        except Exception as e:  # noqa: BLE001 - user code can raise anything
+        except RewardTimeout as e:  # a hang is not retried per sample: that would cost N timeouts
+            if self.on_error == "raise":
+                raise RewardError(f"reward function '{name}' {e} on a batch of {N} samples (reward.timeout_s)") from None
+            return [None] * N, {"errors": 0, "timeouts": N}
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - user code can raise anything
             err = e
         # Find the sample(s) that fail, so the error (or the skip) is precise.
         values: list[Optional[float]] = []
-        failed = 0
+        counts = {"errors": 0, "timeouts": 0}
         for i in range(N):
             one = {k: (v[i: i + 1] if isinstance(v, list) and len(v) == N else v) for k, v in kwargs.items()}
             try:
-                values += self._validate(name, self._invoke(name, fn, one), 1)
+                values += self._validate(name, self._invoke(fn, one), 1)
             except _BadOutput:
                 raise
-            except Exception as e:  # noqa: BLE001
+            except (Exception, SystemExit) as e:  # noqa: BLE001
                 if self.on_error == "raise":
                     raise RewardError(f"reward function '{name}' failed on sample {i}: {type(e).__name__}: {e}") from e
                 values.append(None)
-                failed += 1
-        if failed == 0 and self.on_error == "raise":  # fails on the batch only
+                counts["timeouts" if isinstance(e, RewardTimeout) else "errors"] += 1
+        if counts["errors"] + counts["timeouts"] == 0 and self.on_error == "raise":  # fails on the batch only
             raise RewardError(f"reward function '{name}' failed: {type(err).__name__}: {err}") from err
-        return values, failed
+        return values, counts
 
-    def _invoke(self, name: str, fn: Callable, kwargs: dict) -> Any:
-        if inspect.iscoroutinefunction(fn):
-            async def run():
-                return await asyncio.wait_for(fn(**kwargs), timeout=self.timeout_s)
+    def _invoke(self, fn: Callable, kwargs: dict) -> Any:
+        """Call `fn`; await it if it is async. With a timeout the call runs in a daemon thread, so a
+        function that never returns is abandoned (it keeps its thread) and never blocks the run's exit."""
+        if self.timeout_s is None and not inspect.iscoroutinefunction(fn):
+            out = fn(**kwargs)
+            return _run_coroutine(out, None) if inspect.isawaitable(out) else out
+        box: dict[str, Any] = {}
+
+        def target() -> None:
             try:
-                return asyncio.run(run())
-            except asyncio.TimeoutError:
-                raise TimeoutError(f"timed out after {self.timeout_s} s") from None
-        if self.timeout_s is None:
-            return fn(**kwargs)
-        future = self._pool.submit(fn, **kwargs)
-        try:
-            return future.result(timeout=self.timeout_s)
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"timed out after {self.timeout_s} s (the call keeps running in its thread)") from None
+                out = fn(**kwargs)
+                box["out"] = _run_coroutine(out, self.timeout_s) if inspect.isawaitable(out) else out
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                box["err"] = e
+
+        thread = threading.Thread(target=target, name="reward-call", daemon=True)
+        thread.start()
+        thread.join(self.timeout_s)
+        if thread.is_alive():
+            raise RewardTimeout(f"timed out after {self.timeout_s} s")
+        if "err" in box:
+            raise box["err"]
+        return box["out"]
 
     @staticmethod
     def _validate(name: str, out: Any, N: int) -> list[Optional[float]]:
@@ -127,6 +141,20 @@ class RewardModule:
             else:
                 raise _BadOutput(f"reward function '{name}' returned {type(v).__name__} {v!r} for sample {i}; expected a float or None")
         return values
+
+
+class RewardTimeout(TimeoutError):
+    """A reward call did not return within `reward.timeout_s`."""
+
+
+def _run_coroutine(awaitable: Any, timeout_s: Optional[float]) -> Any:
+    async def run():
+        return await asyncio.wait_for(awaitable, timeout=timeout_s)
+
+    try:
+        return asyncio.run(run())
+    except asyncio.TimeoutError:
+        raise RewardTimeout(f"timed out after {timeout_s} s") from None
 
 
 class _BadOutput(ValueError):

@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from reward_models import rules
+from reward_models import code_exec, rules
 from rlhf.registry import Registry
 
 REWARDS: Registry[Callable] = Registry("reward function")
 REWARDS.register("first_number_matches")(rules.first_number_matches)
 REWARDS.register("contains_answer")(rules.contains_answer)
+REWARDS.register("code_exec")(code_exec.code_exec)
 
 # Factories build a reward function from the text after `name:` (checked before module specs).
 REWARD_FACTORIES: Registry[Callable[[str], Callable]] = Registry("reward function factory")

@@ -15,8 +15,9 @@ class Experience:
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
-    mask_NT: Tensor
+    mask_NT: Tensor  # 1.0 on completion tokens
     scores_N: Tensor  # combined reward, NaN where unscorable
+    loss_mask_NT: Optional[Tensor] = None  # tokens that enter the loss (mask_NT without masked-out rows); None: mask_NT
     adv_NT: Optional[Tensor] = None
     ret_NT: Optional[Tensor] = None
     old_logp_NT: Optional[Tensor] = None  # policy before the update (only when the batch is reused)
@@ -41,6 +42,11 @@ class Experience:
             else:
                 out[f.name] = v
         return replace(self, **out)
+
+    @property
+    def train_mask_NT(self) -> Tensor:
+        """The tokens that count in the loss and its normaliser."""
+        return self.mask_NT if self.loss_mask_NT is None else self.loss_mask_NT
 
 
 def completion_mask(completion_ids: list[list[int]]) -> Tensor:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,33 +21,36 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from rlhf import algos
-from rlhf.algos import AdvantageInputs, LossNormalizer
-from rlhf.config import Config, ConfigError, to_dict
+from rlhf.algos import AdvantageInputs
+from rlhf.algos.combos import check_combination
+from rlhf.config import Config, to_dict
 from rlhf.data import PromptSource, load_prompt_dataset
 from rlhf.engine import ENGINES, SamplingParams
-from rlhf.logging import JsonlWriter, PhaseTimer, Progress
+from rlhf.logging import JsonlWriter, PhaseTimer, Progress, quiet_repeated_warnings, warn_about_step
 from rlhf.models.loading import load_policy, load_reference, load_tokenizer
 from rlhf.models.logprobs import sample_logprobs
+from rlhf.redact import redact
 from rlhf.rewards import RewardModule
 from rlhf.trainers import checkpoint as ckpt
 from rlhf.trainers.experience import Experience, completion_mask, pad_rows, score_at_last_token
+from rlhf.trainers.guards import NonFiniteGradients, Preemption
 from rlhf.trainers.optim import build_optimizer, build_scheduler
+from rlhf.trackers import Trackers, make_accelerator
+from rlhf.trainers.sampling import collect
+from rlhf.trainers.updates import BatchUpdater
 
 
 def check_algorithm(cfg: Config, has_critic: bool = False) -> None:
-    """Reject invalid combinations before any model is loaded."""
-    meta = algos.ADVANTAGES.meta(cfg.algo.advantage)
-    if meta.get("needs_values") and not has_critic:
-        raise ConfigError(f"algo.advantage={cfg.algo.advantage} needs a critic (values); use the PPO trainer or a critic-free estimator")
-    if cfg.algo.policy_loss == "pg" and cfg.train.updates_per_batch > 1:
-        raise ConfigError("algo.policy_loss=pg is on-policy only: set train.updates_per_batch=1 or use ppo_clip")
+    """Reject invalid combinations before any model is loaded (rules in `rlhf.algos.combos`)."""
+    check_combination(cfg, has_critic)
 
 
 class Trainer:
     def __init__(self, cfg: Config, accelerator: Optional[Accelerator] = None):
         self.cfg = cfg
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = accelerator or make_accelerator(cfg)  # an accelerator passed in brings its own trackers
         cfg.validate(self.acc.num_processes)
+        quiet_repeated_warnings()
         check_algorithm(cfg)
         set_seed(cfg.train.seed, device_specific=True)
         self.out = Path(cfg.output_dir)
@@ -64,6 +66,8 @@ class Trainer:
             prompt_column=d.prompt_column, max_prompt_tokens=d.max_prompt_tokens, on_long_prompt=d.on_long_prompt,
             shuffle=d.shuffle, seed=cfg.train.seed,
         )
+        if self.prompts.stats["prompts/too_long"]:
+            self.log(f"data: {self.prompts.stats} (data.on_long_prompt={d.on_long_prompt})")
 
         policy = load_policy(cfg.model)
         self.ref = load_reference(cfg.model, policy, cfg.algo.kl.coef)
@@ -81,10 +85,18 @@ class Trainer:
         self.loss_fn = algos.POLICY_LOSSES.get(cfg.algo.policy_loss)
         self.agg_fn = algos.LOSS_AGGREGATIONS.get(cfg.algo.loss_agg)
         self.kl_fn = algos.KL_ESTIMATORS.get(cfg.algo.kl.estimator)
-        self.state = {"step": 0, "opt_step": 0, "skipped_steps": 0}
+        self.is_fn = algos.IS_CORRECTIONS.get(cfg.algo.is_correction)
+        # sampler log-probs: needed by an IS correction, and free from engines that declare them (gap metric)
+        self.want_sampler_logps = cfg.algo.is_correction != "none" or ENGINES.meta(g.engine).get("sampler_logps", False)
+        self.update_fn = algos.UPDATES.get(cfg.algo.update)
+        self.state = {"step": 0, "opt_step": 0}
+        self.nonfinite = NonFiniteGradients(self.state, cfg.train.max_skipped_steps)
+        # Everything a checkpoint saves and a resume restores; other trainers add theirs (critic, KL controller).
+        self.stateful = {"policy": self.unwrapped, "optimizer": self.optimizer, "scheduler": self.scheduler}
         self.metrics = JsonlWriter(self.out / "metrics.jsonl")
         self.completions = JsonlWriter(self.out / "completions.jsonl")
-        self._stop_requested = False
+        self._saved_step: Optional[int] = None
+        self.trackers = Trackers(cfg, self.acc)
 
     # ------------------------------------------------------------------ helpers
 
@@ -129,20 +141,17 @@ class Trainer:
 
     def make_experience(self, timer: PhaseTimer) -> tuple[Experience, dict]:
         cfg, G = self.cfg, self.cfg.train.samples_per_prompt
-        with timer("generate"):
-            batch = self.prompts.batch(cfg.train.prompts_per_step, self.acc.process_index, self.acc.num_processes)
-            rollouts = self.engine.generate(batch.prompt_ids, G, self.sampling)
-        with timer("reward"):
-            texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-            prompts_N = [p for p in batch.prompts for _ in range(G)]
-            completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts_N, texts)]
-            columns = {k: [v for v in vals for _ in range(G)] for k, vals in batch.columns.items()}
-            result = self.rewards(prompts_N, completions, rollouts.completion_ids, columns)
-        mask_NT = completion_mask(rollouts.completion_ids)
-        exp = Experience(rollouts.prompt_ids, rollouts.completion_ids, mask_NT, result.scores_N)
+        samples, reward_stats, sampling_metrics = collect(self, timer)  # generate + reward (+ DAPO shaping)
+        self.engine.sleep()  # frees the GPU for training where the engine supports it
+        mask_NT = completion_mask(samples.completion_ids)
+        exp = Experience(samples.prompt_ids, samples.completion_ids, mask_NT, samples.scores_N)
+        if samples.sampler_logps is not None:
+            exp.sampler_logp_NT = pad_rows(samples.sampler_logps, mask_NT.shape[1])
+        if cfg.algo.mask_truncated:  # completions cut at max_new_tokens take no part in the loss
+            exp.loss_mask_NT = mask_NT * torch.tensor(samples.finished, dtype=mask_NT.dtype).unsqueeze(-1)
         with timer("logprob"):
-            reuse = cfg.train.updates_per_batch > 1 or cfg.algo.kl.placement == "in_reward"
-            if reuse:  # with one on-policy pass, old log-probs equal the current ones (detached)
+            # Old log-probs are otherwise taken from the first update pass, before any optimizer step.
+            if cfg.algo.kl.placement == "in_reward":
                 exp.old_logp_NT = self._logprobs(exp, reference=False)
             if cfg.algo.kl.coef > 0:
                 exp.ref_logp_NT = self._logprobs(exp, reference=True)
@@ -151,79 +160,22 @@ class Trainer:
         if cfg.algo.kl.coef > 0 and cfg.algo.kl.placement == "in_reward":
             kl_NT = self.kl_fn(exp.old_logp_NT, exp.ref_logp_NT) * mask_NT
             rewards_NT = rewards_NT - cfg.algo.kl.coef * kl_NT
-            kl_reward = float((kl_NT.sum() / mask_NT.sum()))
+            kl_reward = float((kl_NT.sum() / mask_NT.sum().clamp(min=1)))
         exp.adv_NT, exp.ret_NT = self.adv_fn(AdvantageInputs(rewards_NT, mask_NT, G, exp.values_NT), cfg.algo)
-        info = {"texts": texts, "prompts": prompts_N, "per_fn": result.per_fn, "reward_stats": result.stats,
-                "finished": rollouts.finished, "kl_reward": kl_reward}
+        info = {"texts": samples.texts, "prompts": samples.prompts, "per_fn": samples.per_fn, "reward_stats": reward_stats,
+                "finished": samples.finished, "kl_reward": kl_reward, "sampling": sampling_metrics}
         return exp, info
-
-    def update(self, exp: Experience) -> list[dict]:
-        """updates_per_batch passes over the batch, one optimizer step each; returns per-step stats."""
-        cfg, acc = self.cfg, self.acc
-        rows = list(range(len(exp)))
-        norm = LossNormalizer(
-            num_tokens=self._reduce_sum(exp.mask_NT.sum()), num_seqs=self._reduce_sum(len(exp)),
-            max_tokens=float(cfg.generation.max_new_tokens),
-        )
-        beta = cfg.algo.kl.coef if cfg.algo.kl.placement == "in_loss" else 0.0
-        out = []
-        for _ in range(cfg.train.updates_per_batch):
-            sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0}
-            extra: dict[str, float] = {}
-            chunks = self._chunks(rows)
-            for k, chunk in enumerate(chunks):
-                mb = exp.select(chunk)
-                sync = acc.no_sync(self.model) if k < len(chunks) - 1 else contextlib.nullcontext()
-                with sync:
-                    logp_NT, ent_NT = self._forward(self.model, mb)
-                    dev = logp_NT.device
-                    mask_NT, adv_NT = mb.mask_NT.to(dev), mb.adv_NT.to(dev)
-                    old_NT = mb.old_logp_NT.to(dev) if mb.old_logp_NT is not None else logp_NT.detach()
-                    loss_NT, stats = self.loss_fn(logp_NT, old_NT, adv_NT, mask_NT, cfg.algo)
-                    if beta > 0:
-                        kl_NT = self.kl_fn(logp_NT, mb.ref_logp_NT.to(dev))
-                        loss_NT = loss_NT + beta * kl_NT
-                        sums["kl"] += float((kl_NT.detach() * mask_NT).sum())
-                    # DDP averages gradients over processes; the normaliser is already global.
-                    loss = self.agg_fn(loss_NT, mask_NT, norm) * acc.num_processes
-                    acc.backward(loss)
-                n_tok = float(mask_NT.sum())
-                sums["loss"] += float(loss.detach()) / acc.num_processes
-                sums["entropy"] += float((ent_NT * mask_NT).sum())
-                sums["tokens"] += n_tok
-                for key, v in stats.items():
-                    extra[key] = extra.get(key, 0.0) + float(v) * n_tok
-            grad_norm = self._clip_and_step()
-            record = {"loss": self._reduce_sum(sums["loss"]), "grad_norm": grad_norm,
-                      "lr": self.scheduler.get_last_lr()[0], "entropy": self._reduce_sum(sums["entropy"]) / norm.num_tokens}
-            record["kl"] = self._reduce_sum(sums["kl"]) / norm.num_tokens if beta > 0 else None
-            for key, v in extra.items():
-                record[key] = self._reduce_sum(v) / norm.num_tokens
-            out.append(record)
-        return out
-
-    def _clip_and_step(self) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.cfg.train.max_grad_norm
-        grad_norm = self.acc.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        grad_norm = float(grad_norm)
-        if torch.isfinite(torch.tensor(grad_norm)):
-            self.optimizer.step()
-            self.scheduler.step()
-        else:  # never let a NaN/inf gradient reach the weights
-            self.state["skipped_steps"] += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state["opt_step"] += 1
-        return grad_norm
 
     def step(self) -> list[dict]:
         """One RL step; returns the metrics records written (one per optimizer step)."""
         cfg, G = self.cfg, self.cfg.train.samples_per_prompt
         timer, t0 = PhaseTimer(), time.perf_counter()
         exp, info = self.make_experience(timer)
-        with timer("train"):
-            updates = self.update(exp)
+        with timer("train"):  # the update rule (algo.update) moves the policy on this batch
+            updates = self.update_fn(BatchUpdater(self, exp), cfg.algo)
+        self.state["opt_step"] += len(updates)
         with timer("sync"):
+            self.engine.wake()
             self.engine.update_weights(self.unwrapped)
         self.state["step"] += 1
 
@@ -237,15 +189,17 @@ class Trainer:
             "reward/std": float(scores[valid].std()) if valid.sum() > 1 else 0.0,
             "frac_zero_std": float((group_std == 0).float().mean()),
             "completion/len_mean": float(lens.mean()),
+            "tokens/total": self._reduce_sum(sum(len(p) + len(c) for p, c in zip(exp.prompt_ids, exp.completion_ids))),
             "completion/truncated_frac": float((~finished).float().mean()),
-            "world_size": self.acc.num_processes,
+            "world_size": self.acc.num_processes, "skipped_steps": self.state["skipped_steps"], **self.prompts.stats,
         }
         for name, values in info["per_fn"].items():
             v = self.acc.gather(torch.tensor([float("nan") if x is None else x for x in values], device=self.acc.device))
             batch_metrics[f"reward/{name}/mean"] = float(v[torch.isfinite(v)].mean()) if torch.isfinite(v).any() else None
-        batch_metrics.update({k: self._reduce_sum(v) for k, v in info["reward_stats"].items() if k.endswith(("unscored", "errors"))})
+        batch_metrics.update({k: self._reduce_sum(v) for k, v in info["reward_stats"].items() if k.endswith(("unscored", "errors", "timeouts"))})
         if info["kl_reward"] is not None:
             batch_metrics["kl_in_reward"] = info["kl_reward"]
+        batch_metrics.update(info["sampling"])
         # The first record of a step carries the step's timings; later ones (updates_per_batch > 1) carry 0.
         times = {f"time/{k}_s": v for k, v in timer.seconds.items()}
         times["time/step_s"] = time.perf_counter() - t0
@@ -257,18 +211,22 @@ class Trainer:
         if self.is_main:
             for rec in records:
                 self.metrics.write(rec)
-            self._write_completions(exp, info)
+            self.trackers.log(records)
+            warn_about_step(records[0])
+            self.trackers.log_completions(self._write_completions(exp, info), self.state["step"], records[-1]["opt_step"])
         return records
 
-    def _write_completions(self, exp: Experience, info: dict) -> None:
-        n = min(self.cfg.log.completions_per_step, len(exp))
-        for i in range(n):
+    def _write_completions(self, exp: Experience, info: dict) -> list[dict]:
+        rows = []
+        for i in range(min(self.cfg.log.completions_per_step, len(exp))):
             prompt = info["prompts"][i]
-            self.completions.write({
+            rows.append({
                 "step": self.state["step"], "prompt": prompt if isinstance(prompt, str) else json.dumps(prompt),
                 "completion": info["texts"][i], "reward": float(exp.scores_N[i]),
                 **{f"reward/{k}": v[i] for k, v in info["per_fn"].items()}, "advantage": float(exp.adv_NT[i, 0]),
             })
+            self.completions.write(rows[-1])
+        return rows
 
     # ------------------------------------------------------------------ the loop
 
@@ -276,38 +234,36 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self._maybe_resume()
-        if self.is_main:
-            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-        self._install_signal_handlers()
+        if self.is_main:  # tokens, keys and passwords never reach the saved config
+            (self.out / "config.json").write_text(json.dumps(redact(to_dict(cfg)), indent=1))
+        self.trackers.start(redact(to_dict(cfg)), self.state["step"])
         progress = Progress(cfg.train.steps, cfg.log.progress and self.is_main, start=self.state["step"])
         history = []
+        preemption = Preemption().install()
         try:
             while self.state["step"] < cfg.train.steps:
                 records = self.step()
                 history += records
                 if self.is_main:
                     progress.update(records[0])
-                every = cfg.checkpoint.every
-                if self._stop_requested or (every and self.state["step"] % every == 0):
+                stop, every = preemption.requested(self.acc), cfg.checkpoint.every
+                if stop or self.nonfinite.exceeded or (every and self.state["step"] % every == 0):
                     self.save_checkpoint()
-                if self._stop_requested:
-                    self.log(f"stop requested: saved a checkpoint at step {self.state['step']} and exiting")
+                if self.nonfinite.exceeded:
+                    raise self.nonfinite.error(self.state["step"])
+                if stop:
+                    self.log(f"{preemption.name}: saved a checkpoint at step {self.state['step']}; exiting "
+                             "(continue with checkpoint.resume=latest)")
                     return history
         finally:
             progress.close()
-        if cfg.checkpoint.every == 0 or self.state["step"] % cfg.checkpoint.every:
+            preemption.restore()
+            self.trackers.finish()
+        if self._saved_step != self.state["step"]:
             self.save_checkpoint()
         if cfg.checkpoint.save_final:
             self.save_final()
         return history
-
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum, frame):
-            self._stop_requested = True
-
-        with contextlib.suppress(ValueError):  # only possible in the main thread
-            signal.signal(signal.SIGTERM, request_stop)
-            signal.signal(signal.SIGUSR1, request_stop)
 
     def save_checkpoint(self) -> None:
         root = self.out / "checkpoints"
@@ -316,8 +272,9 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.is_main:
             state = {**self.state, "data": self.prompts.state()}
-            ckpt.commit(root, step, self.unwrapped, self.optimizer, self.scheduler, state, self.cfg.checkpoint.keep_last)
+            ckpt.commit(root, step, self.stateful, state, self.cfg.checkpoint.keep_last)
         self.acc.wait_for_everyone()
+        self._saved_step = step
 
     def _maybe_resume(self) -> None:
         resume = self.cfg.checkpoint.resume
@@ -327,9 +284,10 @@ class Trainer:
         if path is None:
             self.log("checkpoint.resume=latest: no checkpoint found, starting fresh")
             return
-        state = ckpt.load(path, self.unwrapped, self.optimizer, self.scheduler, self.acc.process_index)
+        state = ckpt.load(path, self.stateful, self.acc.process_index)
         self.prompts.load_state(state.pop("data"))
         self.state.update(state)
+        self._saved_step = self.state["step"]
         self.engine.update_weights(self.unwrapped)
         if self.is_main:  # forget steps logged after the checkpoint, so none is logged twice
             self.metrics.truncate_after("step", self.state["step"])

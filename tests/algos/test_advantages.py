@@ -88,3 +88,69 @@ def test_group_advantages_sum_to_zero(B, G, data):
     for name in ("grpo", "rloo", "reinforce_baseline", "dr_grpo"):
         adv, _ = ADVANTAGES.get(name)(inp, AlgoConfig())
         assert torch.allclose(adv[:, 0].view(B, G).sum(-1), torch.zeros(B), atol=1e-3), name
+
+
+def test_reinforce_baseline_is_reward_to_go_minus_group_mean_of_returns():
+    # two samples of one prompt, per-token rewards (KL in the reward), gamma = 0.5
+    rewards = torch.tensor([[0.0, -0.5, 2.0], [1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    cfg = AlgoConfig(gamma=0.5)
+    adv, ret = ADVANTAGES.get("reinforce_baseline")(AdvantageInputs(rewards, mask, 2), cfg)
+    g_a = [0.0 + 0.5 * -0.5 + 0.25 * 2.0, -0.5 + 0.5 * 2.0, 2.0]  # [0.25, 0.5, 2.0]
+    g_b = [1.0, 0.0]
+    b = (g_a[0] + g_b[0]) / 2  # 0.625
+    assert torch.allclose(adv, torch.tensor([[g_a[0] - b, g_a[1] - b, g_a[2] - b], [g_b[0] - b, g_b[1] - b, 0.0]]))
+    assert torch.allclose(ret, torch.tensor([g_a, g_b + [0.0]]))
+    dr, _ = ADVANTAGES.get("dr_grpo")(AdvantageInputs(rewards, mask, 2), cfg)
+    assert not torch.allclose(adv, dr)  # token-level, not the sequence score on every token
+
+
+def test_reinforce_pp_whitens_reward_to_go_over_the_batch():
+    rewards = torch.tensor([[0.0, 1.0], [0.0, 3.0]])
+    mask = torch.ones(2, 2)
+    adv, ret = ADVANTAGES.get("reinforce_pp")(AdvantageInputs(rewards, mask, 1), AlgoConfig(gamma=1.0))
+    flat = torch.tensor([1.0, 1.0, 3.0, 3.0])  # reward-to-go of every token
+    expected = (flat - 2.0) / flat.std()
+    assert torch.allclose(ret, flat.view(2, 2)) and torch.allclose(adv.reshape(-1), expected, atol=1e-6)
+
+
+def test_td_and_nstep_td_hand_computed():
+    r = torch.tensor([[0.0, 1.0, 2.0]])
+    v = torch.tensor([[0.5, 0.25, 1.0]])
+    m = torch.ones(1, 3)
+    g = 0.5
+    adv, ret = ADVANTAGES.get("td")(AdvantageInputs(r, m, 1, v), AlgoConfig(gamma=g))
+    assert torch.allclose(ret, torch.tensor([[0 + g * 0.25, 1 + g * 1.0, 2 + 0.0]]))
+    assert torch.allclose(adv, ret - v)
+    adv2, ret2 = ADVANTAGES.get("nstep_td")(AdvantageInputs(r, m, 1, v), AlgoConfig(gamma=g, n_step=2))
+    assert torch.allclose(ret2, torch.tensor([[0 + g * 1 + g**2 * 1.0, 1 + g * 2, 2.0]]))
+    assert torch.allclose(adv2, ret2 - v)
+
+
+def test_critic_estimators_need_values_and_declare_it():
+    inp = outcome_inputs([1.0, 0.0], G=2)
+    for name in ("td", "nstep_td", "gae"):
+        assert ADVANTAGES.meta(name).get("needs_values") is True
+        with pytest.raises(ValueError, match=f"advantage '{name}' needs critic values"):
+            ADVANTAGES.get(name)(inp, AlgoConfig())
+    group = {n for n in ADVANTAGES.names() if ADVANTAGES.meta(n).get("group_relative")}
+    assert group == {"grpo", "dr_grpo", "rloo", "reinforce_baseline"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 6), st.floats(0.0, 1.0), st.data())
+def test_gae_limits_are_mc_minus_v_and_td1(N, T, gamma, data):
+    floats = st.floats(-5, 5, allow_nan=False)
+    r = torch.tensor(data.draw(st.lists(floats, min_size=N * T, max_size=N * T))).view(N, T)
+    v = torch.tensor(data.draw(st.lists(floats, min_size=N * T, max_size=N * T))).view(N, T)
+    lengths = data.draw(st.lists(st.integers(1, T), min_size=N, max_size=N))
+    m = torch.zeros(N, T)
+    for i, L in enumerate(lengths):
+        m[i, :L] = 1
+    r, v = r * m, v * m
+    inp = AdvantageInputs(r, m, 1, v)
+    adv1, _ = ADVANTAGES.get("gae")(inp, AlgoConfig(gamma=gamma, lam=1.0))
+    assert torch.allclose(adv1, (discounted_returns(r, m, gamma) - v) * m, atol=1e-4)
+    adv0, _ = ADVANTAGES.get("gae")(inp, AlgoConfig(gamma=gamma, lam=0.0))
+    td1, _ = ADVANTAGES.get("td")(inp, AlgoConfig(gamma=gamma))
+    assert torch.allclose(adv0, td1, atol=1e-5)

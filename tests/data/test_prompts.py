@@ -81,3 +81,57 @@ def test_long_prompts_error_filter_or_truncate(tokenizer):
     assert len(f) == 1 and f.stats["prompts/filtered"] == 1
     t = PromptSource(ds, tokenizer, name="mem", max_prompt_tokens=6, on_long_prompt="truncate")
     assert len(t) == 2 and len(t.get([1]).prompt_ids[0]) == 6 and t.stats["prompts/truncated"] == 1
+
+
+@pytest.mark.parametrize("prompt, problem", [
+    (None, "prompt must be a non-empty string or a list of chat messages, got None"),
+    (7, "prompt must be a non-empty string or a list of chat messages, got 7"),
+    ("", "prompt is empty"),
+    ([], "prompt must be a non-empty string or a list of chat messages, got \\[\\]"),
+    ([{"role": "user"}], "message 0 must be a dict with string 'role' and 'content'"),
+])
+def test_empty_or_non_string_prompts_name_file_row_and_column(tmp_path, tokenizer, prompt, problem):
+    path = tmp_path / "rows.jsonl"
+    rows = [{"question": "What is 1 ?"}, {"question": "What is 2 ?"}, {"question": prompt}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_prompt_dataset(str(path))
+    with pytest.raises(DataError, match=f"{path}: row 2, column 'question': {problem}"):
+        PromptSource(ds, tokenizer, name=str(path), prompt_column="question")
+
+
+def test_unreadable_files_name_the_file_and_the_bad_line(tmp_path):
+    cases = {
+        "bad.jsonl": ('{"prompt": "a"}\n{"prompt": "b"}\n{not json\n', r"bad.jsonl: cannot read prompts: line 3 \(row 2\): invalid JSON"),
+        "list.jsonl": ('{"prompt": "a"}\n["prompt"]\n', r"list.jsonl: cannot read prompts: line 2 \(row 1\): expected a JSON object"),
+        "binary.jsonl": (b"\xff\xfe\x00\x01garbage", r"binary.jsonl: cannot read prompts: UnicodeDecodeError"),
+        "broken.parquet": (b"PAR1 not really", r"broken.parquet: cannot read prompts: ArrowInvalid"),
+        "quote.csv": ('prompt,answer\n"a",1\n"b,2\n', r"quote.csv: cannot read prompts: ParserError: .*row 2"),
+        "prompts.txt": ("What is 1 ?\n", r"prompts.txt: unsupported file type '.txt'"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(DataError, match=message):
+            load_prompt_dataset(str(path))
+
+
+def test_a_directory_without_a_dataset_is_a_clear_error(tmp_path):
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(DataError, match="empty_dir: cannot read prompts"):
+        load_prompt_dataset(str(tmp_path / "empty_dir"))
+
+
+def test_saved_dataset_dict_gives_its_eval_split(tmp_path):
+    import datasets
+
+    from rlhf.data import DataError, load_prompt_dataset
+
+    path = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"prompt": ["a", "b"]}),
+                          "test": datasets.Dataset.from_dict({"prompt": ["c"]})}).save_to_disk(str(path))
+    assert load_prompt_dataset(str(path), "train")["prompt"] == ["a", "b"]
+    assert load_prompt_dataset(str(path), "eval")["prompt"] == ["c"]
+    only_train = tmp_path / "only"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"prompt": ["a"]})}).save_to_disk(str(only_train))
+    with pytest.raises(DataError, match="no 'eval' / 'test' / 'validation' split"):
+        load_prompt_dataset(str(only_train), "eval")

@@ -32,3 +32,24 @@ def test_bad_lora_target_is_named(tiny_model_dir):
     mcfg = ModelConfig(path=str(tiny_model_dir), lora=LoraConfig(target_modules=["nonexistent_proj"]))
     with pytest.raises(ValueError, match="model.lora.target_modules"):
         load_policy(mcfg)
+
+
+def test_model_code_from_the_model_directory_never_runs_unless_trusted(tmp_path):
+    """trust_remote_code is off by default: a model directory's own Python is refused, not imported."""
+    from rlhf.config import Config
+    from rlhf.models.loading import load_causal_lm, load_tokenizer
+
+    marker = tmp_path / "model_code_ran"
+    model_dir = tmp_path / "custom"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(
+        '{"model_type": "rlhf_custom", "auto_map": {"AutoConfig": "custom.CustomConfig", '
+        '"AutoModelForCausalLM": "custom.CustomModel", "AutoTokenizer": ["custom.CustomTokenizer", null]}}')
+    (model_dir / "tokenizer_config.json").write_text('{"auto_map": {"AutoTokenizer": ["custom.CustomTokenizer", null]}}')
+    (model_dir / "custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    assert Config().model.trust_remote_code is False
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        load_causal_lm(str(model_dir))
+    with pytest.raises((ValueError, OSError)):
+        load_tokenizer(str(model_dir))
+    assert not marker.exists()

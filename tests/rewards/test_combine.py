@@ -1,7 +1,9 @@
 import asyncio
+import threading
 import time
 
 import pytest
+import torch
 
 from rlhf.config import RewardSpec
 from rlhf.rewards import REWARDS, RewardError, RewardModule, load_reward_fn
@@ -90,9 +92,60 @@ def test_async_functions_and_timeouts():
         return [1.0] * len(completions)
 
     t0 = time.time()
-    with pytest.raises(RewardError, match="'hang' failed.*timed out after 0.2 s"):
-        call(RewardModule([_register("hang", hang)], timeout_s=0.2), ["a"])
+    with pytest.raises(RewardError, match="reward function 'hang' timed out after 0.2 s on a batch of 3 samples"):
+        call(RewardModule([_register("hang", hang)], timeout_s=0.2), ["a", "b", "c"])
+    # skip: the batch is unscored and counted once, not retried per sample (that would cost N timeouts)
+    res = call(RewardModule([_register("hang2", hang)], timeout_s=0.2, on_error="skip"), ["a", "b", "c"])
+    assert res.scores_N.isnan().all() and res.stats["reward/hang2/timeouts"] == 3 and res.stats["reward/unscored"] == 3
     assert time.time() - t0 < 2
+
+
+def test_hung_calls_never_block_later_calls():
+    """Each timed call gets its own daemon thread: abandoned hangs neither exhaust a pool nor block exit."""
+    def hang(completions, **kw):
+        time.sleep(30)
+
+    def fine(completions, **kw):
+        return [2.0] * len(completions)
+
+    m = RewardModule([_register("hang3", hang), _register("fine", fine)], timeout_s=0.1, on_error="skip")
+    t0 = time.time()
+    for _ in range(6):
+        res = call(m, ["a", "b"])
+        assert res.scores_N.tolist() == [2.0, 2.0] and res.stats["reward/hang3/timeouts"] == 2
+    assert time.time() - t0 < 3
+    assert all(t.daemon for t in threading.enumerate() if t.name == "reward-call")
+
+
+def test_async_hangs_errors_and_exits_follow_the_same_policy():
+    async def async_hang(completions, **kw):
+        await asyncio.sleep(30)
+
+    async def async_boom(completions, **kw):
+        if "bad" in completions:
+            raise ValueError("cannot parse")
+        return [1.0] * len(completions)
+
+    def exits(completions, **kw):
+        raise SystemExit(3)  # must not end the training process
+
+    with pytest.raises(RewardError, match="'async_hang' timed out after 0.2 s"):
+        call(RewardModule([_register("async_hang", async_hang)], timeout_s=0.2), ["a"])
+    with pytest.raises(RewardError, match="'async_boom' failed on sample 2: ValueError: cannot parse"):
+        call(RewardModule([_register("async_boom", async_boom)], timeout_s=5), ["a", "b", "bad"])
+    res = call(RewardModule([_register("async_boom2", async_boom)], on_error="skip"), ["a", "bad"])
+    assert res.scores_N[0] == 1.0 and res.scores_N[1].isnan() and res.stats["reward/async_boom2/errors"] == 1
+    with pytest.raises(RewardError, match="'exits' failed on sample 0: SystemExit: 3"):
+        call(RewardModule([_register("exits", exits)]), ["a"])
+
+
+def test_wrong_types_in_every_form_are_value_errors():
+    cases = {"a_dict": {"x": 1.0}, "a_float": 1.0, "nested": [[1.0], [2.0]], "strings": ["1", "2"], "none_fn": None}
+    for name, out in cases.items():
+        with pytest.raises(ValueError, match=f"reward function '{name}'"):
+            call(RewardModule([_register(name, lambda completions, _o=out, **kw: _o)]), ["a", "b"])
+    ok = call(RewardModule([_register("tensor_out", lambda completions, **kw: torch.tensor([1.0, float("nan")]))]), ["a", "b"])
+    assert ok.scores_N[0] == 1.0 and ok.scores_N[1].isnan()
 
 
 def test_spec_errors_are_clear(tmp_path):

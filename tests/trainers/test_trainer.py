@@ -2,32 +2,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from rlhf.config import ConfigError
-from rlhf.logging import read_jsonl
+from rlhf.logging import PhaseTimer, read_jsonl
 from rlhf.trainers import Trainer
+from rlhf.trainers.updates import BatchUpdater
 
 REQUIRED = ["step", "reward/mean", "reward/std", "kl", "loss", "completion/len_mean", "time/step_s", "time/generate_s", "time/train_s"]
-
-YES_REWARD = '''
-def yes_fraction(prompts, completions, completion_ids, **kwargs):
-    """Dense toy reward: the fraction of completion words that are 'yes'."""
-    out = []
-    for c in completions:
-        text = c if isinstance(c, str) else c[-1]["content"]
-        words = text.split()
-        out.append(sum(w == "yes" for w in words) / max(1, len(words)))
-    return out
-'''
-
-
-@pytest.fixture
-def yes_reward(tmp_path):
-    path = tmp_path / "yes_reward.py"
-    path.write_text(YES_REWARD)
-    return f"reward.functions=[{{fn: '{path}:yes_fraction'}}]"
-
 
 def params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -113,19 +94,25 @@ def test_critic_estimator_rejected_before_loading(tiny_cfg):
         Trainer(tiny_cfg("algo.advantage=gae"))
 
 
-def test_resume_continues_exactly(tiny_cfg, yes_reward, tmp_path):
-    straight = Trainer(tiny_cfg(yes_reward, "train.steps=4", f"output_dir={tmp_path}/a"))
-    rec_a = straight.train()
-    first = Trainer(tiny_cfg(yes_reward, "train.steps=4", f"output_dir={tmp_path}/b", "checkpoint.every=2"))
-    first.cfg.train.steps = 2  # stop after 2 steps (the schedule still spans 4)
-    first.train()
-    second = Trainer(tiny_cfg(yes_reward, "train.steps=4", f"output_dir={tmp_path}/b", "checkpoint.resume=latest"))
-    second.train()
-    rec_b = read_jsonl(tmp_path / "b" / "metrics.jsonl")
-    assert [r["step"] for r in rec_b] == [1, 2, 3, 4]
-    for a, b in zip(rec_a, rec_b):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["reward/mean"] == b["reward/mean"]
-    pa, pb = params(straight.unwrapped), params(second.unwrapped)
-    assert all(torch.allclose(pa[n], pb[n], atol=1e-5) for n in pa)
-    latest = (tmp_path / "b" / "checkpoints" / "latest").read_text().strip()
-    assert latest == "step_000004" and load_file(tmp_path / "b" / "checkpoints" / latest / "trainable.safetensors")
+def test_old_logprobs_are_taken_from_the_first_pass(tiny_cfg, yes_reward):
+    trainer = Trainer(tiny_cfg(yes_reward, "train.updates_per_batch=3", "algo.kl.coef=0"))
+    exp, _ = trainer.make_experience(PhaseTimer())
+    assert exp.old_logp_NT is None  # no separate old-log-prob pass
+    explicit = trainer._logprobs(exp, reference=False)
+    records = trainer.update_fn(BatchUpdater(trainer, exp), trainer.cfg.algo)
+    assert torch.allclose(exp.old_logp_NT, explicit, atol=1e-5)
+    assert records[0]["clipfrac"] == 0.0 and len(records) == 3  # pass 1 is exactly on-policy
+
+
+@pytest.mark.parametrize("correction", ["token_truncate", "seq_mask"])
+def test_is_correction_uses_sampler_logps_and_logs_the_gap(tiny_cfg, yes_reward, correction):
+    """The HF engine samples from the policy itself: the gap is ~0 and every IS weight is ~1."""
+    records = Trainer(tiny_cfg(yes_reward, f"algo.is_correction={correction}", "train.steps=2")).train()
+    for r in records:
+        assert 0 <= r["engine/logp_gap_mean"] <= r["engine/logp_gap_max"] < 1e-3
+        assert r["is/ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_no_sampler_logps_without_correction_on_the_hf_engine(tiny_cfg, yes_reward):
+    record = Trainer(tiny_cfg(yes_reward, "train.steps=1")).train()[0]
+    assert "engine/logp_gap_mean" not in record  # the HF engine's log-probs are not free: not requested

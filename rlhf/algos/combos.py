@@ -1,0 +1,33 @@
+"""Which algorithm pieces go together: checked when a trainer is built, before any model loads.
+
+Each rule reads the registry metadata the entries declare, so a new entry states its own
+needs instead of growing an if/elif on names here.
+"""
+from __future__ import annotations
+
+from rlhf.algos.advantages import ADVANTAGES
+from rlhf.algos.policy_loss import POLICY_LOSSES
+from rlhf.algos.updates import UPDATES
+from rlhf.config import Config, ConfigError
+
+
+def check_combination(cfg: Config, has_critic: bool = False) -> None:
+    """Raise ConfigError naming the keys of the first invalid combination in `cfg`."""
+    a, t = cfg.algo, cfg.train
+    adv, loss, upd = ADVANTAGES.meta(a.advantage), POLICY_LOSSES.meta(a.policy_loss), UPDATES.meta(a.update)
+    if adv.get("needs_values") and not has_critic:
+        raise ConfigError(f"algo.advantage={a.advantage} needs a critic (values); use the PPO trainer or a critic-free "
+                          f"estimator ({', '.join(n for n in ADVANTAGES.names() if not ADVANTAGES.meta(n).get('needs_values'))})")
+    if loss.get("on_policy") and t.updates_per_batch > 1:
+        raise ConfigError(f"algo.policy_loss={a.policy_loss} is on-policy only: set train.updates_per_batch=1 "
+                          "or use a ratio-based loss (ppo_clip, gspo, cispo)")
+    if upd.get("single_pass") and t.updates_per_batch != 1:
+        raise ConfigError(f"algo.update={a.update} takes one natural-gradient step per batch: set train.updates_per_batch=1 "
+                          f"(got {t.updates_per_batch})")
+    if t.updates_per_batch < upd.get("min_passes", 1):
+        raise ConfigError(f"algo.update={a.update} needs train.updates_per_batch >= {upd['min_passes']} inner steps "
+                          f"(got {t.updates_per_batch}); with one step its KL(pi || pi_old) term has no gradient")
+    if a.dynamic_sampling.enabled and not adv.get("group_relative"):
+        raise ConfigError(f"algo.dynamic_sampling.enabled=true drops groups with equal rewards, which only carry no "
+                          f"gradient for group-relative estimators ({', '.join(n for n in ADVANTAGES.names() if ADVANTAGES.meta(n).get('group_relative'))}); "
+                          f"algo.advantage={a.advantage} is not one")

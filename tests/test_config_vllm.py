@@ -1,0 +1,35 @@
+"""Config keys of the vLLM engine and the importance-sampling correction: bad values fail naming the key."""
+import pytest
+
+from rlhf.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("override, key", [
+    ("algo.is_cap=1.0", "algo.is_cap"),
+    ("algo.is_correction=token_trunc", "algo.is_correction"),
+    ("generation.vllm.kv_cache_gb=0", "generation.vllm.kv_cache_gb"),
+    ("generation.vllm.gpu_memory_utilization=1.5", "generation.vllm.gpu_memory_utilization"),
+    ("generation.vllm.dtype=fp16", "generation.vllm.dtype"),
+    ("generation.top_k=-1", "generation.top_k"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override]).validate()
+
+
+def test_unknown_correction_suggests_the_close_name():
+    with pytest.raises(ConfigError, match="did you mean 'token_truncate'"):
+        load_config(None, ["algo.is_correction=token_truncat"]).validate()
+
+
+def test_vllm_engine_is_one_process_only():
+    from tests.conftest import vllm_available
+
+    cfg = load_config(None, ["generation.engine=vllm"])
+    if not vllm_available():
+        with pytest.raises(ConfigError, match="needs the 'vllm' package"):
+            cfg.validate()
+        return
+    cfg.validate(world_size=1)
+    with pytest.raises(ConfigError, match="at most 1 process"):
+        cfg.validate(world_size=2)
