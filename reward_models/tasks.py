@@ -37,16 +37,18 @@ def wrong_numbers(a: int, b: int) -> list[int]:
     return sorted(c for c in cands if c >= 0 and c != s)
 
 
-def preference_pair(a: int, b: int, rng: random.Random, hard_fraction: float) -> tuple[str, str, str]:
+def preference_pair(a: int, b: int, rng: random.Random, hard_fraction: float,
+                    answer_forms: list[str] = ANSWER_FORMS) -> tuple[str, str, str]:
     """(chosen, rejected, kind) for "What is a + b?"; the chosen's first number is a + b, the rejected's is not.
 
-    With probability `hard_fraction` the rejected answer has the chosen's phrasing with a wrong
-    number (kind 'same_phrasing': only arithmetic tells them apart); otherwise it is one of the
-    base model's typical mistakes (kind 'typical_mistake').
+    The chosen answer is one of `answer_forms` with the sum. With probability `hard_fraction` the
+    rejected answer has the chosen's phrasing with a wrong number (kind 'same_phrasing': only
+    arithmetic tells them apart); otherwise it is one of the base model's typical mistakes
+    (kind 'typical_mistake').
     """
     s = a + b
     for _ in range(100):
-        form = rng.choice(ANSWER_FORMS)
+        form = rng.choice(answer_forms)
         chosen = form.format(n=s, a=a, b=b)
         w = rng.choice(wrong_numbers(a, b))
         if rng.random() < hard_fraction:
@@ -61,14 +63,16 @@ def preference_pair(a: int, b: int, rng: random.Random, hard_fraction: float) ->
 @PREFERENCE_TASKS.register("arithmetic_preferences")
 def arithmetic_preferences(split: str = "train", seed: int = 0, max_operand: int = 9, eval_fraction: float = 0.2,
                            pairs_per_prompt: int = 8, hard_fraction: float = 0.5, train_max_operand: int | None = None,
-                           system_prompt: str | None = None) -> datasets.Dataset:
+                           answer_forms: list[str] | None = None, system_prompt: str | None = None) -> datasets.Dataset:
     """Correct vs wrong answers to the `arithmetic` task's prompts ("What is a + b?", chat messages).
 
     The (a, b) split is the `arithmetic` task's own (same seed, same `eval_fraction`), so eval
     pairs come from additions never seen in training, the same ones the RL recipes evaluate on.
     `train_max_operand` > max_operand adds to the train split every addition with an operand in
     (max_operand, train_max_operand]: far more sums than can be memorised, so the model has to
-    check the arithmetic (none of them is an eval addition). Columns: prompt, chosen, rejected
+    check the arithmetic (none of them is an eval addition). `answer_forms` (format strings with
+    {n}, optionally {a} and {b}; default: ANSWER_FORMS, ten phrasings) restricts the chosen answers,
+    e.g. to the one canonical ["The answer is {n}."]. Columns: prompt, chosen, rejected
     (conversational), answer and kind ('same_phrasing' or 'typical_mistake', see `preference_pair`).
     Seeded; each split has its own stream.
     """
@@ -76,6 +80,9 @@ def arithmetic_preferences(split: str = "train", seed: int = 0, max_operand: int
         raise ValueError(f"arithmetic_preferences: pairs_per_prompt must be >= 1, got {pairs_per_prompt}")
     if not 0 <= hard_fraction <= 1:
         raise ValueError(f"arithmetic_preferences: hard_fraction must be in [0, 1], got {hard_fraction}")
+    forms = ANSWER_FORMS if answer_forms is None else list(answer_forms)
+    if not forms or not all(isinstance(f, str) and "{n}" in f for f in forms):
+        raise ValueError(f"arithmetic_preferences: answer_forms must be a non-empty list of strings containing '{{n}}', got {answer_forms!r}")
     prompts = TASKS.get("arithmetic")(split=split, seed=seed, max_operand=max_operand, eval_fraction=eval_fraction,
                                       system_prompt=system_prompt)["prompt"]
     operands = []
@@ -94,7 +101,7 @@ def arithmetic_preferences(split: str = "train", seed: int = 0, max_operand: int
     rows: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "answer": [], "kind": []}
     for prompt, (a, b) in zip(prompts, operands):
         for _ in range(pairs_per_prompt):
-            chosen, rejected, kind = preference_pair(a, b, rng, hard_fraction)
+            chosen, rejected, kind = preference_pair(a, b, rng, hard_fraction, forms)
             rows["prompt"].append(prompt)
             rows["chosen"].append([{"role": "assistant", "content": chosen}])
             rows["rejected"].append([{"role": "assistant", "content": rejected}])

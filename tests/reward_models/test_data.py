@@ -141,3 +141,17 @@ def test_arithmetic_preferences_wider_train_operands_never_touch_eval():
     assert held.to_list() == make("eval", pairs_per_prompt=1).to_list()  # eval is unchanged
     assert not questions(train) & questions(held)
     assert "What is 12 + 3?" in questions(train) and first_number_matches(train["chosen"], train["answer"]) == [1.0] * len(train)
+
+
+def test_arithmetic_preferences_canonical_answer_form():
+    make = PREFERENCE_TASKS.get("arithmetic_preferences")
+    ds = make("train", answer_forms=["The answer is {n}."])
+    chosen = [c[0]["content"] for c in ds["chosen"]]
+    assert chosen == [f"The answer is {s}." for s in ds["answer"]]
+    for r, kind, s in zip(ds["rejected"], ds["kind"], ds["answer"]):
+        text = r[0]["content"]
+        if kind == "same_phrasing":
+            assert re.fullmatch(r"The answer is (\d+)\.", text) and text != f"The answer is {s}.", text
+    assert first_number_matches(ds["rejected"], ds["answer"]) == [0.0] * len(ds)
+    with pytest.raises(ValueError, match=r"answer_forms must be a non-empty list of strings containing '\{n\}'"):
+        make("train", answer_forms=["The answer is x."])
