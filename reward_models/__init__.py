@@ -1,1 +1,12 @@
-"""Reward content: rule-based scorers used by recipes, and (later) learned reward models."""
+"""Reward content: rule-based scorers used by recipes, and learned reward models (train and score).
+
+    rules.py    rule-based reward functions (first_number_matches, contains_answer)
+    tasks.py    built-in preference tasks (PREFERENCE_TASKS: arithmetic_preferences)
+    data.py     preference pairs: load, validate, render (chat template), tokenize
+    model.py    the reward model: causal-LM backbone + 1-output score head, LoRA or full; save (merged)
+    trainer.py  Bradley-Terry training with pairwise accuracy on held-out pairs
+    scorer.py   a trained reward model as a reward function: `reward_model:PATH` in a recipe
+    config.py   the typed run config; cli.py: `rlhf reward train RECIPE.yaml [key=value ...]`
+
+Submodules are imported on use, so `import reward_models.rules` stays light.
+"""

@@ -1,23 +1,27 @@
-"""Command line: `rlhf train CONFIG [key=value ...]`, `rlhf eval`, `rlhf report`, `rlhf export`, `rlhf model prepare`."""
+"""Command line: `rlhf train CONFIG [key=value ...]`, `rlhf reward train RECIPE`, `rlhf eval`, `rlhf report`, `rlhf export`, `rlhf model prepare`."""
 from __future__ import annotations
 
 import argparse
 import sys
 import textwrap
 
-from rlhf.config import ConfigError, describe, load_config
+from rlhf.config import Config, ConfigError, describe, load_config
 
 TRAIN_USAGE = "rlhf train CONFIG.yaml [key=value ...]   (keys below; nested keys are dotted, e.g. train.lr=1e-5)"
 
 
-def train_help() -> str:
-    """`rlhf train --help`: every config key with its type, default and help text."""
-    lines = [TRAIN_USAGE, ""]
-    for key, tp, default, help_text in describe():
+def keys_help(cls: type, usage: str) -> str:
+    """`usage`, then every key of config dataclass `cls` with its type, default and help text."""
+    lines = [usage, ""]
+    for key, tp, default, help_text in describe(cls):
         lines.append(f"  {key:<32} {tp:<14} default {default}")
         if help_text:
             lines.extend(textwrap.wrap(help_text, 90, initial_indent=" " * 6, subsequent_indent=" " * 6))
     return "\n".join(lines)
+
+
+def train_help() -> str:
+    return keys_help(Config, TRAIN_USAGE)
 
 
 def train_main(argv: list[str]) -> list[dict]:
@@ -55,6 +59,13 @@ def model_main(argv: list[str]) -> None:
     from rlhf.models import embedded
 
     print(embedded.prepare(args.name, force=args.force))
+
+
+def reward_main(argv: list[str]) -> list[dict] | None:
+    """`rlhf reward train RECIPE.yaml [key=value ...]`: train a Bradley-Terry reward model (see `reward_models.cli`)."""
+    from reward_models.cli import main
+
+    return main(argv)
 
 
 def report_main(argv: list[str]) -> None:
@@ -146,7 +157,7 @@ def bench_main(argv: list[str]) -> None:
     bench.main(argv)
 
 
-COMMANDS = {"bench": bench_main, "train": train_main, "eval": eval_main, "report": report_main, "export": export_main, "model": model_main}
+COMMANDS = {"bench": bench_main, "train": train_main, "eval": eval_main, "report": report_main, "export": export_main, "reward": reward_main, "model": model_main}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(f"usage: rlhf {{{','.join(COMMANDS)}}} ...\n  rlhf train --help   lists every config key\n"
-              "  rlhf eval --help, rlhf report --help, rlhf export --help")
+              "  rlhf eval --help, rlhf report --help, rlhf export --help\n"
+              "  rlhf reward train --help   the reward-model trainer's keys")
         sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     COMMANDS[argv[0]](argv[1:])
 

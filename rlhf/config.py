@@ -497,8 +497,8 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read YAML `path` (optional), apply dotted overrides, return a typed Config."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
+    """Read YAML `path` (optional), apply dotted overrides, return a typed `cls` (default: the RL Config)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -512,7 +512,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of config keys")
     data = _merge(data, parse_overrides(overrides or []))
-    return from_dict(Config, data)
+    return from_dict(cls, data)
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:

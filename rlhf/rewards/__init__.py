@@ -1,5 +1,5 @@
 """Reward functions: TRL's contract, weighted combination, errors named by function."""
 from rlhf.rewards.combine import RewardModule, RewardResult, RewardError
-from rlhf.rewards.registry import REWARDS, load_reward_fn
+from rlhf.rewards.registry import REWARD_FACTORIES, REWARDS, load_reward_fn
 
-__all__ = ["REWARDS", "RewardError", "RewardModule", "RewardResult", "load_reward_fn"]
+__all__ = ["REWARDS", "REWARD_FACTORIES", "RewardError", "RewardModule", "RewardResult", "load_reward_fn"]

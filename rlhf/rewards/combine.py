@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from rlhf.rewards.registry import load_reward_fn
+from rlhf.rewards.registry import load_reward_fn, reward_fn_name
 
 
 class RewardError(RuntimeError):
@@ -37,7 +37,7 @@ class RewardModule:
         self.fns: list[tuple[str, Callable, float]] = []
         for spec in specs:
             fn = load_reward_fn(spec.fn)
-            name = spec.name or spec.fn.rsplit(":", 1)[-1]
+            name = spec.name or reward_fn_name(spec.fn)
             if any(name == n for n, _, _ in self.fns):
                 raise ValueError(f"two reward functions are named '{name}'; give one a `name`")
             self.fns.append((name, fn, float(spec.weight)))

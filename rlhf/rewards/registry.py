@@ -1,4 +1,5 @@
-"""Find reward functions by registry name, `module.path:function` or `path/to/file.py:function`."""
+"""Find reward functions by registry name, `module.path:function`, `path/to/file.py:function`,
+or a factory spec `factory:argument` (e.g. `reward_model:runs/rm/final`, a learned reward model)."""
 from __future__ import annotations
 
 import importlib
@@ -15,11 +16,31 @@ REWARDS.register("first_number_matches")(rules.first_number_matches)
 REWARDS.register("contains_answer")(rules.contains_answer)
 REWARDS.register("code_exec")(code_exec.code_exec)
 
+# Factories build a reward function from the text after `name:` (checked before module specs).
+REWARD_FACTORIES: Registry[Callable[[str], Callable]] = Registry("reward function factory")
+
+
+@REWARD_FACTORIES.register("reward_model")
+def _reward_model(arg: str) -> Callable:
+    """A trained reward model: `reward_model:PATH[?batch_size=16&dtype=bf16&...]` (see reward_models.scorer)."""
+    from reward_models.scorer import load_scorer  # imports transformers only when used
+
+    return load_scorer(arg)
+
+
+def reward_fn_name(spec: str) -> str:
+    """The default metric name of a spec: the function name, or the factory name for factory specs."""
+    head, sep, _ = spec.partition(":")
+    return head if sep and head in REWARD_FACTORIES else spec.rsplit(":", 1)[-1]
+
 
 def load_reward_fn(spec: str) -> Callable:
     """Resolve a reward function spec; errors name the spec and what is missing."""
     if ":" not in spec:
         return REWARDS.get(spec)
+    head, _, arg = spec.partition(":")
+    if head in REWARD_FACTORIES:
+        return REWARD_FACTORIES.get(head)(arg)
     target, fn_name = spec.rsplit(":", 1)
     if target.endswith(".py"):
         path = Path(target).expanduser()
