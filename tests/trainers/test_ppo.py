@@ -169,3 +169,30 @@ def test_critic_keys_are_validated_naming_the_key(override, key):
 def test_a_critic_without_a_value_estimator_is_rejected(tiny_cfg):
     with pytest.raises(ConfigError, match="critic.type=separate builds a critic, but algo.advantage=grpo"):
         Trainer(tiny_cfg("critic.type=separate"))
+
+
+def test_ppo_keeps_policy_and_critic_in_sync_on_two_processes(tiny_model_dir, dense, tmp_path):
+    """The critic goes through accelerate.prepare: DDP all-reduces its gradients, so both ranks end with the
+    same policy and critic although each rank trains on its own prompts; the normalisers are global."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "RLHF_TEST_OUT": str(out), "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    overrides = [f"model.path={tiny_model_dir}", "model.compute_dtype=fp32", "model.lora.enabled=false",
+                 f"output_dir={tmp_path / 'run'}", "train.steps=2", "train.prompts_per_step=2", "train.samples_per_prompt=4",
+                 "train.micro_batch_size=2", "train.lr=1e-3", "log.progress=false", "checkpoint.save_final=false", dense,
+                 *PPO, "critic.lora.enabled=false", "train.mini_batches_per_pass=2", "algo.kl.target=0.01"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(Path(__file__).with_name("ddp_updates.py")),
+                           *overrides], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["world_size"] == 2 and res["records"][0]["world_size"] == 2
+    assert res["rank_diff"] == 0.0 and res["moved"] > 0
+    assert res["critic_rank_diff"] == 0.0 and res["critic_moved"] > 0
+    assert len(res["records"]) == 4 and all(math.isfinite(r["critic/value_loss"]) for r in res["records"])
