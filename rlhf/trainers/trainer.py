@@ -96,7 +96,7 @@ class Trainer:
         self.update_fn = algos.UPDATES.get(cfg.algo.update)
         self.state = {"step": 0, "opt_step": 0}
         self.nonfinite = NonFiniteGradients(self.state, cfg.train.max_skipped_steps)
-        # Everything a checkpoint saves and a resume restores; other trainers add theirs (critic, KL controller).
+        # Everything a checkpoint saves and a resume restores: the policy, and the critic and an adaptive KL controller.
         self.stateful = {"policy": self.unwrapped, "optimizer": self.optimizer, "scheduler": self.scheduler}
         kind = critic_type(cfg)
         self.critic = Critic(self, kind) if kind != "none" else None
