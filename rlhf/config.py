@@ -95,6 +95,10 @@ class KLConfig:
     coef: float = opt(0.04, "beta, the KL-to-reference coefficient (0: no reference model is loaded)")
     estimator: str = opt("k3", "KL estimator: k1, k2 or k3 (Schulman's approximations)")
     placement: Literal["in_loss", "in_reward"] = opt("in_loss", "add beta*KL to the loss (GRPO) or subtract it from the per-token reward (PPO)")
+    target: Optional[float] = opt(
+        None, "adaptive KL controller (Ziegler et al. 2019): the target KL per completion (nats, summed over its tokens, "
+        "averaged over samples); beta starts at `coef` and moves towards it every step (None: fixed beta)")
+    horizon: int = opt(10000, "adaptive KL controller horizon in samples: beta *= 1 + clip(KL/target - 1, +-0.2) * samples_per_step / horizon")
 
 
 @dataclass
@@ -146,6 +150,7 @@ class AlgoConfig:
         "none, token_truncate, token_mask or seq_mask"
     )
     is_cap: float = opt(2.0, "cap C on the ratio pi_old/pi_sampler for is_correction (> 1)")
+    whiten_advantages: bool = opt(False, "normalise the advantages to mean 0, std 1 over the batch's loss tokens (all processes; PPO)")
     mask_truncated: bool = opt(False, "exclude completions cut at generation.max_new_tokens (no EOS) from the loss (DAPO)")
     kl: KLConfig = opt(KLConfig(), "KL penalty to the reference policy")
     natural: NaturalConfig = opt(NaturalConfig(), "natural-gradient updates (algo.update=npg or trpo)")
@@ -161,7 +166,10 @@ class TrainConfig:
     samples_per_prompt: int = opt(8, "completions sampled per prompt (the group size G)")
     micro_batch_size: int = opt(8, "samples per forward/backward pass on one process")
     pack_prompts: bool = opt(True, "training forwards compute each prompt once per group (shared-prompt packing)")
-    updates_per_batch: int = opt(1, "passes over each batch (mu); >1 keeps old log-probs for the ratio")
+    updates_per_batch: int = opt(1, "passes (epochs) over each batch (mu); >1 keeps old log-probs for the ratio")
+    mini_batches_per_pass: int = opt(
+        1, "optimizer steps per pass: each pass splits the batch into this many mini-batches (contiguous whole groups "
+        "where possible), one optimizer step each; a step makes updates_per_batch x mini_batches_per_pass optimizer steps")
     lr: float = opt(1e-5, "peak learning rate")
     lr_schedule: Literal["constant", "linear", "cosine"] = opt("constant", "decay after warmup")
     warmup_steps: int = opt(0, "linear warmup, in optimizer steps")
@@ -173,6 +181,23 @@ class TrainConfig:
         "and stop the run with an error (0: never stop)"
     )
     seed: int = opt(0, "seed for data order, sampling and initialisation")
+
+
+CRITIC_LORA = LoraConfig()
+
+
+@dataclass
+class CriticConfig:
+    type: Literal["auto", "none", "separate", "shared"] = opt(
+        "auto", "the value model V(s_t) of actor-critic advantages (td, nstep_td, gae): 'separate' = its own network "
+        "(full or LoRA, from critic.path), 'shared' = a value head on the policy's own hidden states (no second model; "
+        "the head trains, the backbone moves with the policy loss only), 'none'; 'auto' = separate when algo.advantage needs values")
+    path: Optional[str] = opt(None, "critic.type=separate: the network it starts from (local causal-LM dir or embedded name); default model.path")
+    lora: LoraConfig = opt(CRITIC_LORA, "critic.type=separate: LoRA adapter of the critic (enabled=false: full weights)")
+    lr: float = opt(5e-5, "critic learning rate (its own AdamW; train.lr_schedule, warmup_steps, weight_decay, max_grad_norm apply)")
+    value_clip: Optional[float] = opt(
+        0.2, "clip of the value update around the values at sampling time, 0.5 max((V-R)^2, (V_clip-R)^2) (None: plain squared error)")
+    warmup_steps: int = opt(0, "first RL steps in which only the critic trains (the policy is frozen)")
 
 
 @dataclass
@@ -244,6 +269,7 @@ class Config:
     algo: AlgoConfig = opt(AlgoConfig(), "algorithm")
     train: TrainConfig = opt(TrainConfig(), "optimisation and batch sizes")
     reward: RewardConfig = opt(RewardConfig(), "reward functions")
+    critic: CriticConfig = opt(CriticConfig(), "value model for td / nstep_td / gae (PPO)")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpoints and resume")
     log: LogConfig = opt(LogConfig(), "logging, trackers and the report")
     eval: EvalConfig = opt(EvalConfig(), "evaluation on data.eval (rlhf eval, and before/after training)")
@@ -255,7 +281,7 @@ class Config:
     def validate(self, world_size: int = 1) -> None:
         """Check values and registry names up front; raise ConfigError naming the key."""
         t = self.train
-        for key in ("steps", "prompts_per_step", "samples_per_prompt", "micro_batch_size", "updates_per_batch"):
+        for key in ("steps", "prompts_per_step", "samples_per_prompt", "micro_batch_size", "updates_per_batch", "mini_batches_per_pass"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
         if t.max_skipped_steps < 0:
@@ -277,6 +303,12 @@ class Config:
                 f"train.micro_batch_size={t.micro_batch_size} must divide the samples per process per step "
                 f"({per_rank} = prompts_per_step {t.prompts_per_step} x samples_per_prompt {t.samples_per_prompt} / {world_size} processes)"
             )
+        if per_rank % (t.mini_batches_per_pass * t.micro_batch_size):
+            raise ConfigError(
+                f"train.mini_batches_per_pass={t.mini_batches_per_pass} x train.micro_batch_size={t.micro_batch_size} must divide "
+                f"the samples per process per step ({per_rank}), so every mini-batch is whole micro-batches"
+            )
+        self._validate_critic()
         g = self.generation
         if g.max_new_tokens < 1:
             raise ConfigError(f"generation.max_new_tokens must be >= 1, got {g.max_new_tokens}")
@@ -350,6 +382,21 @@ class Config:
                 "(use generation.engine=hf for multi-process runs)"
             )
 
+    def _validate_critic(self) -> None:
+        c, kl = self.critic, self.algo.kl
+        if c.lr <= 0:
+            raise ConfigError(f"critic.lr must be > 0, got {c.lr}")
+        if c.value_clip is not None and c.value_clip <= 0:
+            raise ConfigError(f"critic.value_clip must be > 0 (or null for no clipping), got {c.value_clip}")
+        if not 0 <= c.warmup_steps < self.train.steps:
+            raise ConfigError(f"critic.warmup_steps must be in [0, train.steps={self.train.steps}), got {c.warmup_steps}")
+        if c.path is not None and c.type == "shared":
+            raise ConfigError("critic.path is used by critic.type=separate only (a shared head sits on the policy)")
+        if kl.target is not None and (kl.target <= 0 or kl.coef == 0):
+            raise ConfigError(f"algo.kl.target must be > 0 and needs algo.kl.coef > 0 to adapt, got target {kl.target}, coef {kl.coef}")
+        if kl.horizon < 1:
+            raise ConfigError(f"algo.kl.horizon must be >= 1, got {kl.horizon}")
+
     def _validate_log_and_eval(self) -> None:
         lg, ev = self.log, self.eval
         if lg.completions_per_step < 0:
@@ -376,8 +423,9 @@ class Config:
         return (
             f"batch: {t.prompts_per_step} prompts x {t.samples_per_prompt} samples = {self.samples_per_step} samples/step "
             f"| {world_size} process(es) x {per_rank} samples | micro_batch_size {t.micro_batch_size} -> "
-            f"{per_rank // t.micro_batch_size} micro-batches per optimizer step | {t.updates_per_batch} update(s) per batch "
-            f"| {t.steps} steps = {t.steps * t.updates_per_batch} optimizer steps"
+            f"{per_rank // t.micro_batch_size // t.mini_batches_per_pass} micro-batches per optimizer step | "
+            f"{t.updates_per_batch} pass(es) x {t.mini_batches_per_pass} mini-batch(es) per batch "
+            f"| {t.steps} steps = {t.steps * t.updates_per_batch * t.mini_batches_per_pass} optimizer steps"
         )
 
 

@@ -188,7 +188,7 @@ class Progress:
             print(console_line(record), flush=True)
             return
         self._bar.console.print(console_line(record), soft_wrap=True)  # one line, even on a narrow console
-        kl = record.get("kl")
+        kl = record.get("kl") if record.get("kl") is not None else record.get("kl_in_reward")
         info = f"reward {record['reward/mean']:.3f}" + (f"  kl {kl:.4f}" if kl is not None else "") + f"  {record['time/step_s']:.1f}s/step"
         self._bar.update(self._task, advance=1, info=info)
 
@@ -200,9 +200,11 @@ class Progress:
 
 def console_line(record: dict[str, Any]) -> str:
     """The one log line of a step: reward, KL, loss, completion length and where the time went."""
-    kl = record.get("kl")
+    kl = record.get("kl") if record.get("kl") is not None else record.get("kl_in_reward")
+    loss = record.get("loss")  # absent while only the critic trains (critic.warmup_steps)
     return (
         f"step {record['step']:>4}  reward {record['reward/mean']:.3f} ± {record['reward/std']:.3f}  "
-        f"kl {kl if kl is None else f'{kl:.4f}'}  loss {record['loss']:+.4f}  len {record['completion/len_mean']:.1f}  "
+        f"kl {kl if kl is None else f'{kl:.4f}'}  loss {'-' if loss is None else f'{loss:+.4f}'}  "
+        f"len {record['completion/len_mean']:.1f}  "
         f"{record['time/step_s']:.1f}s (gen {record['time/generate_s']:.1f}s, train {record['time/train_s']:.1f}s)"
     )

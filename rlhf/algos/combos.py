@@ -11,19 +11,29 @@ from rlhf.algos.updates import UPDATES
 from rlhf.config import Config, ConfigError
 
 
+def critic_type(cfg: Config) -> str:
+    """'separate', 'shared' or 'none': `critic.type`, with 'auto' = separate when `algo.advantage` needs values."""
+    if cfg.critic.type != "auto":
+        return cfg.critic.type
+    return "separate" if ADVANTAGES.meta(cfg.algo.advantage).get("needs_values") else "none"
+
+
 def check_combination(cfg: Config, has_critic: bool = False) -> None:
     """Raise ConfigError naming the keys of the first invalid combination in `cfg`."""
     a, t = cfg.algo, cfg.train
     adv, loss, upd = ADVANTAGES.meta(a.advantage), POLICY_LOSSES.meta(a.policy_loss), UPDATES.meta(a.update)
+    if has_critic and not adv.get("needs_values"):
+        raise ConfigError(f"critic.type={cfg.critic.type} builds a critic, but algo.advantage={a.advantage} uses no values "
+                          f"(use td, nstep_td or gae, or critic.type=auto)")
     if adv.get("needs_values") and not has_critic:
-        raise ConfigError(f"algo.advantage={a.advantage} needs a critic (values); use the PPO trainer or a critic-free "
+        raise ConfigError(f"algo.advantage={a.advantage} needs a critic (values); set critic.type (auto, separate or shared) or use a critic-free "
                           f"estimator ({', '.join(n for n in ADVANTAGES.names() if not ADVANTAGES.meta(n).get('needs_values'))})")
-    if loss.get("on_policy") and t.updates_per_batch > 1:
-        raise ConfigError(f"algo.policy_loss={a.policy_loss} is on-policy only: set train.updates_per_batch=1 "
+    if loss.get("on_policy") and t.updates_per_batch * t.mini_batches_per_pass > 1:
+        raise ConfigError(f"algo.policy_loss={a.policy_loss} is on-policy only: set train.updates_per_batch=1 and mini_batches_per_pass=1 "
                           "or use a ratio-based loss (ppo_clip, gspo, cispo)")
-    if upd.get("single_pass") and t.updates_per_batch != 1:
+    if upd.get("single_pass") and (t.updates_per_batch != 1 or t.mini_batches_per_pass != 1):
         raise ConfigError(f"algo.update={a.update} takes one natural-gradient step per batch: set train.updates_per_batch=1 "
-                          f"(got {t.updates_per_batch})")
+                          f"and train.mini_batches_per_pass=1 (got {t.updates_per_batch} and {t.mini_batches_per_pass})")
     if t.updates_per_batch < upd.get("min_passes", 1):
         raise ConfigError(f"algo.update={a.update} needs train.updates_per_batch >= {upd['min_passes']} inner steps "
                           f"(got {t.updates_per_batch}); with one step its KL(pi || pi_old) term has no gradient")

@@ -4,7 +4,7 @@ An update rule decides how one batch of experience moves the policy. It sees the
 only through `UpdateProblem` (implemented by `rlhf.trainers.updates.BatchUpdater`), so the
 rules below are model-free orchestration of the math in `rlhf.algos.natural`:
 
-- `adamw`: `train.updates_per_batch` passes, one clipped AdamW step each (the default).
+- `adamw`: `train.updates_per_batch` passes, one clipped AdamW step per mini-batch each (the default).
 - `mdpo`:  the same passes on the loss plus (1/eta) KL(pi || pi_old) (Tomar et al. 2020).
 - `npg`:   one natural-gradient step of mean KL `max_kl` (Kakade 2001).
 - `trpo`:  the npg step plus a backtracking line search on measured KL and loss (Schulman et al. 2015).
@@ -40,8 +40,8 @@ class UpdateProblem(Protocol):
 
     passes: int  # train.updates_per_batch
 
-    def optimizer_pass(self, extra: Optional[ExtraLoss] = None) -> dict:
-        """Backward over every micro-batch, then one clipped optimizer step; returns the step's metrics."""
+    def optimizer_pass(self, extra: Optional[ExtraLoss] = None) -> list[dict]:
+        """One pass over the batch: a clipped optimizer step per mini-batch; returns each step's metrics."""
 
     def loss_and_grad(self) -> tuple[Tensor, dict]:
         """(g_P, metrics): the flat gradient of the aggregated loss at the current parameters."""
@@ -65,7 +65,7 @@ UPDATES: Registry[UpdateFn] = Registry("update rule")
 @UPDATES.register("adamw")
 def adamw(problem: UpdateProblem, cfg) -> list[dict]:
     """`train.updates_per_batch` passes over the batch, one AdamW step each (Loshchilov & Hutter 2019)."""
-    return [problem.optimizer_pass() for _ in range(problem.passes)]
+    return [rec for _ in range(problem.passes) for rec in problem.optimizer_pass()]
 
 
 @UPDATES.register("mdpo", min_passes=2, needs_old_logp=True)
@@ -77,7 +77,7 @@ def mdpo(problem: UpdateProblem, cfg) -> list[dict]:
     form); the KL is `kl_to_old` on the batch's tokens, sampled by pi_old.
     """
     extra = ExtraLoss("mdpo/kl_old", 1.0 / cfg.mdpo.eta, kl_to_old)
-    return [problem.optimizer_pass(extra) for _ in range(problem.passes)]
+    return [rec for _ in range(problem.passes) for rec in problem.optimizer_pass(extra)]
 
 
 def _natural(problem: UpdateProblem, cfg) -> tuple[Tensor, Tensor, object, dict]:

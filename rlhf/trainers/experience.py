@@ -18,6 +18,7 @@ class Experience:
     mask_NT: Tensor  # 1.0 on completion tokens
     scores_N: Tensor  # combined reward, NaN where unscorable
     loss_mask_NT: Optional[Tensor] = None  # tokens that enter the loss (mask_NT without masked-out rows); None: mask_NT
+    rewards_NT: Optional[Tensor] = None  # per-token rewards: score on the last token (- beta * KL_t when in the reward)
     adv_NT: Optional[Tensor] = None
     ret_NT: Optional[Tensor] = None
     old_logp_NT: Optional[Tensor] = None  # policy before the update (only when the batch is reused)

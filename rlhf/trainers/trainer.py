@@ -1,10 +1,13 @@
-"""The RL trainer: one loop for the policy-gradient family (GRPO, RLOO, REINFORCE, ...), on accelerate.
+"""The RL trainer: one loop for the policy-gradient family (GRPO, RLOO, REINFORCE, ...) and PPO, on accelerate.
 
 One step, top to bottom (see `Trainer.step`):
 
-    prompts_B -> engine.generate (G each) -> rewards -> no-grad old/ref log-probs
-    -> advantages -> for each pass: for each mini-batch: micro-batch loss, backward, optimizer step
-    -> engine.update_weights -> metrics.jsonl
+    prompts_B -> engine.generate (G each) -> rewards -> no-grad old/ref log-probs (+ critic values)
+    -> per-token rewards (score at the last token - beta * KL when in the reward) -> advantages
+    -> for each pass: for each mini-batch: micro-batch loss, backward, optimizer step (policy, then critic)
+    -> KL controller -> engine.update_weights -> metrics.jsonl
+
+PPO is this loop with a critic (`rlhf.trainers.critic`, built when `algo.advantage` needs values).
 
 Algorithms come from the registries in `rlhf.algos`, picked by name in the config.
 """
@@ -22,7 +25,8 @@ from accelerate.utils import set_seed
 
 from rlhf import algos
 from rlhf.algos import AdvantageInputs
-from rlhf.algos.combos import check_combination
+from rlhf.algos.combos import check_combination, critic_type
+from rlhf.algos.kl_control import KLController
 from rlhf.config import Config, to_dict
 from rlhf.data import PromptSource, load_prompt_dataset
 from rlhf.engine import ENGINES, SamplingParams
@@ -32,6 +36,7 @@ from rlhf.models.logprobs import sample_logprobs
 from rlhf.redact import redact
 from rlhf.rewards import RewardModule
 from rlhf.trainers import checkpoint as ckpt
+from rlhf.trainers.critic import Critic
 from rlhf.trainers.experience import Experience, completion_mask, pad_rows, score_at_last_token
 from rlhf.trainers.guards import NonFiniteGradients, Preemption
 from rlhf.trainers.optim import build_optimizer, build_scheduler
@@ -51,7 +56,7 @@ class Trainer:
         self.acc = accelerator or make_accelerator(cfg)  # an accelerator passed in brings its own trackers
         cfg.validate(self.acc.num_processes)
         quiet_repeated_warnings()
-        check_algorithm(cfg)
+        check_algorithm(cfg, has_critic=critic_type(cfg) != "none")
         set_seed(cfg.train.seed, device_specific=True)
         self.out = Path(cfg.output_dir)
         self.log = self.acc.print
@@ -74,7 +79,7 @@ class Trainer:
         if self.ref is not None:
             self.ref.to(self.acc.device)
         optimizer = build_optimizer(policy, cfg.train)
-        self.total_opt_steps = cfg.train.steps * cfg.train.updates_per_batch
+        self.total_opt_steps = cfg.train.steps * cfg.train.updates_per_batch * cfg.train.mini_batches_per_pass
         self.scheduler = build_scheduler(optimizer, cfg.train, self.total_opt_steps)
         self.model, self.optimizer = self.acc.prepare(policy, optimizer)
         self.engine = ENGINES.get(cfg.generation.engine)(self.acc.unwrap_model(self.model), self.tokenizer, cfg)
@@ -91,8 +96,16 @@ class Trainer:
         self.update_fn = algos.UPDATES.get(cfg.algo.update)
         self.state = {"step": 0, "opt_step": 0}
         self.nonfinite = NonFiniteGradients(self.state, cfg.train.max_skipped_steps)
-        # Everything a checkpoint saves and a resume restores; other trainers add theirs (critic, KL controller).
+        # Everything a checkpoint saves and a resume restores: the policy, and the critic and an adaptive KL controller.
         self.stateful = {"policy": self.unwrapped, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        kind = critic_type(cfg)
+        self.critic = Critic(self, kind) if kind != "none" else None
+        if self.critic is not None:
+            self.stateful.update(self.critic.stateful)
+        k = cfg.algo.kl
+        self.kl_ctl = KLController(k.coef, k.target, k.horizon)
+        if k.target is not None:  # an adaptive beta is state; a fixed one is config
+            self.stateful["kl_controller"] = self.kl_ctl
         self.metrics = JsonlWriter(self.out / "metrics.jsonl")
         self.completions = JsonlWriter(self.out / "completions.jsonl")
         self._saved_step: Optional[int] = None
@@ -107,6 +120,11 @@ class Trainer:
     @property
     def unwrapped(self) -> torch.nn.Module:
         return self.acc.unwrap_model(self.model)
+
+    @property
+    def kl_coef(self) -> float:
+        """beta now: `algo.kl.coef`, or where the adaptive controller has moved it."""
+        return self.kl_ctl.coef
 
     def _reduce_sum(self, x: float) -> float:
         return float(self.acc.reduce(torch.tensor(float(x), device=self.acc.device), "sum"))
@@ -150,29 +168,54 @@ class Trainer:
         if cfg.algo.mask_truncated:  # completions cut at max_new_tokens take no part in the loss
             exp.loss_mask_NT = mask_NT * torch.tensor(samples.finished, dtype=mask_NT.dtype).unsqueeze(-1)
         with timer("logprob"):
-            # Old log-probs are otherwise taken from the first update pass, before any optimizer step.
-            if cfg.algo.kl.placement == "in_reward":
+            # Old log-probs are otherwise taken from the first update pass, before any optimizer step
+            # (impossible with several mini-batches: the second is seen after the first step).
+            if cfg.algo.kl.placement == "in_reward" or cfg.train.mini_batches_per_pass > 1 or cfg.algo.kl.target is not None:
                 exp.old_logp_NT = self._logprobs(exp, reference=False)
             if cfg.algo.kl.coef > 0:
                 exp.ref_logp_NT = self._logprobs(exp, reference=True)
+        if self.critic is not None:
+            with timer("values"):
+                exp.values_NT = self.critic.values(exp)
         rewards_NT = score_at_last_token(exp.scores_N, mask_NT)
         kl_reward = None
-        if cfg.algo.kl.coef > 0 and cfg.algo.kl.placement == "in_reward":
+        if cfg.algo.kl.coef > 0 and cfg.algo.kl.placement == "in_reward":  # PPO: r_t = score [t = last] - beta KL_t
             kl_NT = self.kl_fn(exp.old_logp_NT, exp.ref_logp_NT) * mask_NT
-            rewards_NT = rewards_NT - cfg.algo.kl.coef * kl_NT
+            rewards_NT = rewards_NT - self.kl_coef * kl_NT
             kl_reward = float((kl_NT.sum() / mask_NT.sum().clamp(min=1)))
+        exp.rewards_NT = rewards_NT
         exp.adv_NT, exp.ret_NT = self.adv_fn(AdvantageInputs(rewards_NT, mask_NT, G, exp.values_NT), cfg.algo)
+        if cfg.algo.whiten_advantages:
+            exp.adv_NT = self._whiten(exp.adv_NT, exp.train_mask_NT)
         info = {"texts": samples.texts, "prompts": samples.prompts, "per_fn": samples.per_fn, "reward_stats": reward_stats,
                 "finished": samples.finished, "kl_reward": kl_reward, "sampling": sampling_metrics}
         return exp, info
+
+    def _whiten(self, adv_NT: torch.Tensor, mask_NT: torch.Tensor) -> torch.Tensor:
+        """(A - mean) / std over the loss tokens of every process."""
+        n, s1, s2 = (self._reduce_sum(x) for x in (mask_NT.sum(), (adv_NT * mask_NT).sum(), (adv_NT ** 2 * mask_NT).sum()))
+        mean = s1 / max(n, 1.0)
+        std = max(s2 / max(n, 1.0) - mean ** 2, 0.0) ** 0.5
+        return (adv_NT - mean) / (std + 1e-8) * mask_NT
+
+    def _update(self, exp: Experience) -> list[dict]:
+        """The policy's update (algo.update), then the critic's; one merged record per optimizer step."""
+        frozen = self.critic is not None and self.state["step"] < self.cfg.critic.warmup_steps  # critic warm-up
+        updates = [] if frozen else self.update_fn(BatchUpdater(self, exp), self.cfg.algo)
+        if self.critic is None:
+            return updates
+        critic = self.critic.update(exp)
+        if frozen:
+            return [{"policy_frozen": 1.0, **c} for c in critic]
+        return [{**u, **c} for u, c in zip(updates, critic)] + updates[len(critic):]
 
     def step(self) -> list[dict]:
         """One RL step; returns the metrics records written (one per optimizer step)."""
         cfg, G = self.cfg, self.cfg.train.samples_per_prompt
         timer, t0 = PhaseTimer(), time.perf_counter()
         exp, info = self.make_experience(timer)
-        with timer("train"):  # the update rule (algo.update) moves the policy on this batch
-            updates = self.update_fn(BatchUpdater(self, exp), cfg.algo)
+        with timer("train"):  # the update rule (algo.update) moves the policy on this batch, then the critic learns
+            updates = self._update(exp)
         self.state["opt_step"] += len(updates)
         with timer("sync"):
             self.engine.wake()
@@ -199,6 +242,13 @@ class Trainer:
         batch_metrics.update({k: self._reduce_sum(v) for k, v in info["reward_stats"].items() if k.endswith(("unscored", "errors", "timeouts"))})
         if info["kl_reward"] is not None:
             batch_metrics["kl_in_reward"] = info["kl_reward"]
+        if cfg.algo.kl.coef > 0:  # beta used this step; an adaptive controller then moves it by the sequence KL
+            batch_metrics["kl_coef"] = self.kl_coef
+            if cfg.algo.kl.target is not None:
+                batch_metrics["kl_seq"] = self._sequence_kl(exp)
+                self.kl_ctl.update(batch_metrics["kl_seq"], cfg.samples_per_step)
+        if self.critic is not None:
+            batch_metrics.update(self.critic.batch_metrics(exp))
         batch_metrics.update(info["sampling"])
         # The first record of a step carries the step's timings; later ones (updates_per_batch > 1) carry 0.
         times = {f"time/{k}_s": v for k, v in timer.seconds.items()}
@@ -215,6 +265,11 @@ class Trainer:
             warn_about_step(records[0])
             self.trackers.log_completions(self._write_completions(exp, info), self.state["step"], records[-1]["opt_step"])
         return records
+
+    def _sequence_kl(self, exp: Experience) -> float:
+        """Mean over samples (all processes) of sum_t KL_t(pi_old || pi_ref): the adaptive controller's measure."""
+        kl_NT = self.kl_fn(exp.old_logp_NT, exp.ref_logp_NT) * exp.mask_NT
+        return self._reduce_sum(kl_NT.sum()) / max(1.0, self._reduce_sum(len(exp)))
 
     def _write_completions(self, exp: Experience, info: dict) -> list[dict]:
         rows = []

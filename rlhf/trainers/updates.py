@@ -6,6 +6,9 @@ Every micro-batch loss is `LOSS_AGGREGATIONS[algo.loss_agg]` of
 `POLICY_LOSSES[algo.policy_loss]` (+ beta * KL to the reference when it is in the loss)
 (+ an update rule's extra term), divided by a normaliser fixed for the whole optimizer
 step, so the sum over micro-batches and processes is the full-batch loss.
+
+First-order passes split the batch into `train.mini_batches_per_pass` contiguous mini-batches
+(`mini_batches`), one optimizer step each, with the normaliser of that mini-batch.
 """
 from __future__ import annotations
 
@@ -17,10 +20,31 @@ import torch
 from torch import Tensor
 
 from rlhf.algos import ExtraLoss, LossNormalizer, logp_gap
+from rlhf.algos.kl import k3
 from rlhf.algos.natural import (FVP, assign_flat_, categorical_kl_NT, flatten, hessian_vector_product, self_kl_NT,
                                 surrogate_loss_NT)
 from rlhf.models.logprobs import sample_log_softmax, scatter_tokens
 from rlhf.trainers.experience import Experience
+
+
+def normalizer(trainer, mask_NT: Tensor) -> LossNormalizer:
+    """The loss normaliser of the tokens `mask_NT` on every process (a collective call)."""
+    return LossNormalizer(
+        num_tokens=max(1.0, trainer._reduce_sum(mask_NT.sum())),
+        num_seqs=max(1.0, trainer._reduce_sum((mask_NT.sum(-1) > 0).sum())),
+        max_tokens=float(trainer.cfg.generation.max_new_tokens),
+    )
+
+
+def mini_batches(trainer, exp: Experience) -> list[tuple[list[int], LossNormalizer]]:
+    """(rows, normaliser) of each of the `train.mini_batches_per_pass` contiguous mini-batches of this process's batch."""
+    m = trainer.cfg.train.mini_batches_per_pass
+    size = len(exp) // m
+    out = []
+    for i in range(m):
+        rows = list(range(i * size, (i + 1) * size))
+        out.append((rows, normalizer(trainer, exp.train_mask_NT[rows])))
+    return out
 
 
 class BatchUpdater:
@@ -31,21 +55,18 @@ class BatchUpdater:
         self.passes = self.cfg.train.updates_per_batch
         self.params = [p for p in trainer.unwrapped.parameters() if p.requires_grad]
         self.rows = list(range(len(exp)))
-        mask_NT = exp.train_mask_NT
-        self.norm = LossNormalizer(
-            num_tokens=max(1.0, trainer._reduce_sum(mask_NT.sum())),
-            num_seqs=max(1.0, trainer._reduce_sum((mask_NT.sum(-1) > 0).sum())),
-            max_tokens=float(self.cfg.generation.max_new_tokens),
-        )
+        self.norm = normalizer(trainer, exp.train_mask_NT)
+        self.minis = mini_batches(trainer, exp) if self.cfg.train.mini_batches_per_pass > 1 else [(self.rows, self.norm)]
         kl = self.cfg.algo.kl
-        self.beta = kl.coef if kl.placement == "in_loss" else 0.0
+        self.beta = trainer.kl_coef if kl.placement == "in_loss" else 0.0
         self.first_pass = True  # no optimizer step yet on this batch: pi_old = pi, and the sampler gap is measured
         self.gap_max, self.gap = 0.0, {}
 
     # ------------------------------------------------------------------ losses and metrics
 
-    def _loss(self, mb: Experience, logp_NT: Tensor, extra: Optional[ExtraLoss] = None) -> tuple[Tensor, dict]:
-        """The aggregated loss of one micro-batch and token-weighted metric sums."""
+    def _loss(self, mb: Experience, logp_NT: Tensor, extra: Optional[ExtraLoss] = None,
+              norm: Optional[LossNormalizer] = None) -> tuple[Tensor, dict]:
+        """The aggregated loss of one micro-batch (normaliser `norm`, default the batch's) and token-weighted metric sums."""
         dev = logp_NT.device
         mask_NT, adv_NT = mb.train_mask_NT.to(dev), mb.adv_NT.to(dev)
         old_NT = mb.old_logp_NT.to(dev) if mb.old_logp_NT is not None else logp_NT.detach()
@@ -61,6 +82,7 @@ class BatchUpdater:
                 gap = {"engine/logp_gap_mean": float(g_sum)}
                 self.gap_max = max(self.gap_max, float(g_max))
         sums = {k: float(v) * n_tok for k, v in stats.items()}
+        sums["approx_kl"] = float((k3(old_NT, logp_NT.detach()) * mask_NT).sum())  # KL(pi_old || pi), k3 estimate
         sums.update(gap)  # a token sum already
         if self.beta > 0:
             kl_NT = self.t.kl_fn(logp_NT, mb.ref_logp_NT.to(dev))
@@ -70,7 +92,7 @@ class BatchUpdater:
             x_NT = extra.fn(logp_NT, old_NT)
             loss_NT = loss_NT + extra.coef * x_NT
             sums[extra.name] = float((x_NT.detach() * mask_NT).sum())
-        return self.t.agg_fn(loss_NT, mask_NT, self.norm), sums
+        return self.t.agg_fn(loss_NT, mask_NT, norm or self.norm), sums
 
     def _surrogate(self, mb: Experience, logp_NT: Tensor) -> float:
         """The aggregated surrogate loss -r A (+ beta * KL to the reference) of one micro-batch (TRPO's line search)."""
@@ -87,11 +109,12 @@ class BatchUpdater:
         for k, v in stats.items():
             sums[k] += v
 
-    def _metrics(self, sums: dict) -> dict:
+    def _metrics(self, sums: dict, norm: Optional[LossNormalizer] = None) -> dict:
         """Reduce the sums over processes: the loss is a sum, every other key a token mean."""
+        n_tok = (norm or self.norm).num_tokens
         rec = {"loss": self.t._reduce_sum(sums.pop("loss"))}
-        rec["kl"] = self.t._reduce_sum(sums.pop("kl", 0.0)) / self.norm.num_tokens if self.beta > 0 else None
-        rec.update({k: self.t._reduce_sum(v) / self.norm.num_tokens for k, v in sums.items()})
+        rec["kl"] = self.t._reduce_sum(sums.pop("kl", 0.0)) / n_tok if self.beta > 0 else None
+        rec.update({k: self.t._reduce_sum(v) / n_tok for k, v in sums.items()})
         if "engine/logp_gap_mean" in rec:  # measured in the first pass; every record of the batch carries it
             acc = self.t.acc
             rec["engine/logp_gap_max"] = float(acc.gather(torch.tensor([self.gap_max], device=acc.device)).max())
@@ -104,30 +127,35 @@ class BatchUpdater:
 
     # ------------------------------------------------------------------ first-order steps (adamw, mdpo)
 
-    def optimizer_pass(self, extra: Optional[ExtraLoss] = None) -> dict:
-        """Backward over every micro-batch (gradients all-reduced once, at the last), then one optimizer step."""
+    def optimizer_pass(self, extra: Optional[ExtraLoss] = None) -> list[dict]:
+        """One pass over the batch: for each mini-batch, backward over its micro-batches (gradients all-reduced
+        once, at the last), then one optimizer step. Returns one record per optimizer step."""
         acc, exp = self.t.acc, self.exp
         # Later passes need log pi_old: record it from this pass (no optimizer step yet), saving a forward.
+        # (With several mini-batches the trainer computes it up front: the second one is already off-policy.)
         capture = exp.old_logp_NT is None and self.passes > 1
         old_logp_NT = torch.zeros_like(exp.mask_NT) if capture else None
-        sums: dict = defaultdict(float)
-        chunks = self.t._chunks(self.rows)
-        for k, chunk in enumerate(chunks):
-            mb = exp.select(chunk)
-            sync = acc.no_sync(self.t.model) if k < len(chunks) - 1 else contextlib.nullcontext()
-            with sync:
-                logp_NT, ent_NT = self.t._forward(self.t.model, mb)
-                if capture:
-                    old_logp_NT[chunk, : logp_NT.shape[1]] = logp_NT.detach().float().cpu()
-                loss, stats = self._loss(mb, logp_NT, extra)
-                acc.backward(loss * acc.num_processes)  # DDP averages gradients; the normaliser is already global
-            self._add(sums, loss, ent_NT, mb, stats)
+        records = []
+        for rows, norm in self.minis:
+            sums: dict = defaultdict(float)
+            chunks = self.t._chunks(rows)
+            for k, chunk in enumerate(chunks):
+                mb = exp.select(chunk)
+                sync = acc.no_sync(self.t.model) if k < len(chunks) - 1 else contextlib.nullcontext()
+                with sync:
+                    logp_NT, ent_NT = self.t._forward(self.t.model, mb)
+                    if capture:
+                        old_logp_NT[chunk, : logp_NT.shape[1]] = logp_NT.detach().float().cpu()
+                    loss, stats = self._loss(mb, logp_NT, extra, norm)
+                    acc.backward(loss * acc.num_processes)  # DDP averages gradients; the normaliser is already global
+                self._add(sums, loss, ent_NT, mb, stats)
+            metrics = self._metrics(sums, norm)
+            grad_norm = self._clip_and_step()
+            records.append({**metrics, "grad_norm": grad_norm, "lr": self.t.scheduler.get_last_lr()[0]})
         if capture:
             exp.old_logp_NT = old_logp_NT
-        metrics = self._metrics(sums)
         self.first_pass = False
-        grad_norm = self._clip_and_step()
-        return {**metrics, "grad_norm": grad_norm, "lr": self.t.scheduler.get_last_lr()[0]}
+        return records
 
     def _clip_and_step(self) -> float:
         max_norm = self.cfg.train.max_grad_norm

@@ -1,5 +1,6 @@
 """Subprocess helper (run under torchrun, 2 processes): train from `key=value` overrides, then write
-the world size, each rank's parameter checksum and the first records to $RLHF_TEST_OUT (rank 0)."""
+the world size, each rank's parameter checksum (the policy's, and the critic's when there is one) and the
+first records to $RLHF_TEST_OUT (rank 0)."""
 import json
 import os
 import sys
@@ -13,11 +14,17 @@ from rlhf.trainers import Trainer
 if __name__ == "__main__":
     acc = Accelerator(cpu=True)
     trainer = Trainer(load_config(None, sys.argv[1:]), acc)
-    before = torch.cat([p.detach().reshape(-1).clone() for p in trainer.unwrapped.parameters() if p.requires_grad])
+    flat = lambda m: torch.cat([p.detach().reshape(-1).clone() for p in m.parameters() if p.requires_grad])  # noqa: E731
+    models = {"": lambda: trainer.unwrapped}
+    if getattr(trainer, "critic", None) is not None:
+        models["critic_"] = lambda: trainer.critic.unwrapped
+    before = {k: flat(m()) for k, m in models.items()}
     records = trainer.train()
-    after = torch.cat([p.detach().reshape(-1) for p in trainer.unwrapped.parameters() if p.requires_grad])
-    both = acc.gather(after.unsqueeze(0))
+    result = {"world_size": acc.num_processes, "records": records}
+    for k, m in models.items():
+        after = flat(m())
+        both = acc.gather(after.unsqueeze(0))
+        result.update({f"{k}rank_diff": float((both[0] - both[1]).abs().max()), f"{k}moved": float((after - before[k]).abs().max())})
     if acc.is_main_process:
         with open(os.environ["RLHF_TEST_OUT"], "w") as f:
-            json.dump({"world_size": acc.num_processes, "rank_diff": float((both[0] - both[1]).abs().max()),
-                       "moved": float((after - before).abs().max()), "records": records}, f)
+            json.dump(result, f)

@@ -44,8 +44,11 @@ def params(model):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["algo.advantage=gae"], "algo.advantage=gae needs a critic"),
-    (["algo.advantage=td"], "algo.advantage=td needs a critic"),
+    (["algo.advantage=gae", "critic.type=none"], "algo.advantage=gae needs a critic"),
+    (["algo.advantage=td", "critic.type=none"], "algo.advantage=td needs a critic"),
+    (["critic.type=shared"], "critic.type=shared builds a critic, but algo.advantage=grpo uses no values"),
+    (["algo.update=npg", "train.mini_batches_per_pass=2"], r"algo.update=npg takes one natural-gradient step per batch"),
+    (["algo.policy_loss=pg", "train.mini_batches_per_pass=2"], "algo.policy_loss=pg is on-policy only"),
     (["algo.policy_loss=pg", "train.updates_per_batch=2"], "algo.policy_loss=pg is on-policy only"),
     (["algo.update=trpo", "train.updates_per_batch=2"], r"algo.update=trpo takes one natural-gradient step per batch"),
     (["algo.update=npg", "train.updates_per_batch=3"], r"algo.update=npg takes one natural-gradient step per batch"),

@@ -106,3 +106,24 @@ def test_kill_9_during_a_trainer_save_then_resume_exactly(tiny_cfg, tiny_overrid
     assert_same_run(read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl"),
                     trainable(straight), trainable(resumed))
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000003"]  # leftovers pruned, keep_last=1
+
+
+PPO = ["algo.advantage=gae", "algo.lam=0.95", "algo.kl.placement=in_reward", "algo.kl.estimator=k1", "algo.kl.coef=0.1",
+       "algo.kl.target=0.001", "algo.kl.horizon=16", "algo.whiten_advantages=true", "critic.lr=1e-3",
+       "train.mini_batches_per_pass=2", "train.micro_batch_size=2"]
+
+
+@pytest.mark.parametrize("critic", ["critic.lora.enabled=false", "critic.type=shared"])
+def test_ppo_resume_restores_critic_and_kl_controller(tiny_cfg, yes_reward, tmp_path, critic):
+    straight, resumed = straight_and_split(tiny_cfg, tmp_path, 2, yes_reward, *HARD, *PPO, critic)
+    rec_a, rec_b = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in rec_b] == [s for s in (1, 2, 3, 4) for _ in range(4)]  # 2 passes x 2 mini-batches
+    coefs = [r["kl_coef"] for r in rec_a[::4]]
+    assert len(set(coefs)) == 4, coefs  # the adaptive beta moved every step: resuming must restore it
+    assert_same_run(rec_a, rec_b, trainable(straight), trainable(resumed))
+    critic = lambda t: {n: p.detach().clone() for n, p in t.critic.unwrapped.named_parameters() if p.requires_grad}  # noqa: E731
+    assert_same_run([], [], critic(straight), critic(resumed))
+    assert resumed.kl_coef == pytest.approx(straight.kl_coef, abs=1e-12)
+    assert resumed.critic.scheduler.get_last_lr() == straight.critic.scheduler.get_last_lr()
+    saved = sorted(p.name for p in (tmp_path / "b" / "checkpoints" / "step_000002").iterdir())
+    assert {"critic.safetensors", "critic_optimizer.pt", "critic_scheduler.pt", "kl_controller.pt"} <= set(saved)

@@ -91,7 +91,7 @@ def spy(prompts, completions, completion_ids, target, level, **kwargs):
 
 def test_critic_estimator_rejected_before_loading(tiny_cfg):
     with pytest.raises(ConfigError, match="algo.advantage=gae needs a critic"):
-        Trainer(tiny_cfg("algo.advantage=gae"))
+        Trainer(tiny_cfg("algo.advantage=gae", "critic.type=none"))
 
 
 def test_old_logprobs_are_taken_from_the_first_pass(tiny_cfg, yes_reward):
