@@ -62,8 +62,18 @@ def build_trackers(cfg: Config) -> list[GeneralTracker]:
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    """The trainer's Accelerator, with `log_with` set from `cfg.log.trackers` (CPU when no GPU is present)."""
-    return Accelerator(cpu=not torch.cuda.is_available(), log_with=build_trackers(cfg) or None)
+    """The trainer's Accelerator, with `log_with` set from `cfg.log.trackers`.
+
+    The layout (DDP, DeepSpeed, FSDP2) comes from `accelerate launch`. Without a GPU it runs on the CPU,
+    except under DeepSpeed (with DS_ACCELERATOR=cpu) and FSDP: `cpu=True` would turn those into plain DDP.
+    """
+    sharded = any(os.environ.get(k, "").lower() == "true" for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
+    acc = Accelerator(cpu=not torch.cuda.is_available() and not sharded, log_with=build_trackers(cfg) or None)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes != world:  # never train twice on the same prompts without knowing it
+        raise RuntimeError(f"accelerate sees {acc.num_processes} process(es) but WORLD_SIZE={world} "
+                           f"({acc.distributed_type}); check the launch config (launch/*.yaml)")
+    return acc
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -32,6 +32,7 @@ from rlhf.models.logprobs import sample_logprobs
 from rlhf.redact import redact
 from rlhf.rewards import RewardModule
 from rlhf.trainers import checkpoint as ckpt
+from rlhf.trainers import distributed as dist
 from rlhf.trainers.experience import Experience, completion_mask, pad_rows, score_at_last_token
 from rlhf.trainers.guards import NonFiniteGradients, Preemption
 from rlhf.trainers.optim import build_optimizer, build_scheduler
@@ -49,13 +50,15 @@ class Trainer:
     def __init__(self, cfg: Config, accelerator: Optional[Accelerator] = None):
         self.cfg = cfg
         self.acc = accelerator or make_accelerator(cfg)  # an accelerator passed in brings its own trackers
+        self.layout = dist.layout(self.acc)  # single, ddp, zero2, zero3 or fsdp2
         cfg.validate(self.acc.num_processes)
+        dist.check_layout(cfg, self.acc, self.layout)
         quiet_repeated_warnings()
         check_algorithm(cfg)
         set_seed(cfg.train.seed, device_specific=True)
         self.out = Path(cfg.output_dir)
         self.log = self.acc.print
-        self.log(cfg.derived_summary(self.acc.num_processes))
+        self.log(f"{cfg.derived_summary(self.acc.num_processes)} | layout {self.layout}")
 
         # Cheap, error-prone inputs first: rewards and data fail before the model loads.
         self.rewards = RewardModule(cfg.reward.functions, cfg.reward.on_error, cfg.reward.timeout_s)
@@ -73,11 +76,15 @@ class Trainer:
         self.ref = load_reference(cfg.model, policy, cfg.algo.kl.coef)
         if self.ref is not None:
             self.ref.to(self.acc.device)
+        # zero3/fsdp2: the engine samples from a whole copy, refreshed after each step (rlhf.trainers.distributed)
+        self.full = dist.full_copy(policy).to(self.acc.device) if self.layout in dist.SHARDED else None
         optimizer = build_optimizer(policy, cfg.train)
         self.total_opt_steps = cfg.train.steps * cfg.train.updates_per_batch
         self.scheduler = build_scheduler(optimizer, cfg.train, self.total_opt_steps)
+        if self.layout in ("zero2", "zero3"):
+            dist.configure_deepspeed(cfg, self.acc)
         self.model, self.optimizer = self.acc.prepare(policy, optimizer)
-        self.engine = ENGINES.get(cfg.generation.engine)(self.acc.unwrap_model(self.model), self.tokenizer, cfg)
+        self.engine = ENGINES.get(cfg.generation.engine)(self.whole_model, self.tokenizer, cfg)
         g = cfg.generation
         self.sampling = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k)
 
@@ -92,7 +99,10 @@ class Trainer:
         self.state = {"step": 0, "opt_step": 0}
         self.nonfinite = NonFiniteGradients(self.state, cfg.train.max_skipped_steps)
         # Everything a checkpoint saves and a resume restores; other trainers add theirs (critic, KL controller).
-        self.stateful = {"policy": self.unwrapped, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        # zero2/zero3/fsdp2: the optimizer is saved per process (distributed.save_sharded); "policy" holds whole weights.
+        self.stateful = {"policy": self.whole_model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        if dist.shards_optimizer(self.layout):
+            del self.stateful["optimizer"]
         self.metrics = JsonlWriter(self.out / "metrics.jsonl")
         self.completions = JsonlWriter(self.out / "completions.jsonl")
         self._saved_step: Optional[int] = None
@@ -107,6 +117,17 @@ class Trainer:
     @property
     def unwrapped(self) -> torch.nn.Module:
         return self.acc.unwrap_model(self.model)
+
+    @property
+    def whole_model(self) -> torch.nn.Module:
+        """The policy with whole (unsharded) weights: what generation, weight sync and `save_final` read."""
+        return self.full if self.full is not None else self.unwrapped
+
+    def sync_weights(self) -> None:
+        """Refresh the whole copy (zero3/fsdp2: a collective gather) and the engine's weights."""
+        if self.full is not None:
+            dist.gather_into(self.full, self.unwrapped, self.layout)
+        self.engine.update_weights(self.whole_model)
 
     def _reduce_sum(self, x: float) -> float:
         return float(self.acc.reduce(torch.tensor(float(x), device=self.acc.device), "sum"))
@@ -160,7 +181,7 @@ class Trainer:
         if cfg.algo.kl.coef > 0 and cfg.algo.kl.placement == "in_reward":
             kl_NT = self.kl_fn(exp.old_logp_NT, exp.ref_logp_NT) * mask_NT
             rewards_NT = rewards_NT - cfg.algo.kl.coef * kl_NT
-            kl_reward = float((kl_NT.sum() / mask_NT.sum().clamp(min=1)))
+            kl_reward = self._reduce_sum(kl_NT.sum()) / max(1.0, self._reduce_sum(mask_NT.sum()))  # over all processes
         exp.adv_NT, exp.ret_NT = self.adv_fn(AdvantageInputs(rewards_NT, mask_NT, G, exp.values_NT), cfg.algo)
         info = {"texts": samples.texts, "prompts": samples.prompts, "per_fn": samples.per_fn, "reward_stats": reward_stats,
                 "finished": samples.finished, "kl_reward": kl_reward, "sampling": sampling_metrics}
@@ -176,7 +197,7 @@ class Trainer:
         self.state["opt_step"] += len(updates)
         with timer("sync"):
             self.engine.wake()
-            self.engine.update_weights(self.unwrapped)
+            self.sync_weights()
         self.state["step"] += 1
 
         scores = self.acc.gather(exp.scores_N.to(self.acc.device)).float().cpu()
@@ -269,9 +290,11 @@ class Trainer:
         root = self.out / "checkpoints"
         step = self.state["step"]
         ckpt.write_rank_files(root, step, self.acc.process_index)
+        if dist.shards_optimizer(self.layout):
+            dist.save_sharded(self.model, self.optimizer, ckpt.staging_dir(root, step) / dist.SHARDED_DIR, self.layout)
         self.acc.wait_for_everyone()
         if self.is_main:
-            state = {**self.state, "data": self.prompts.state()}
+            state = {**self.state, "data": self.prompts.state(), "layout": self.layout, "world_size": self.acc.num_processes}
             ckpt.commit(root, step, self.stateful, state, self.cfg.checkpoint.keep_last)
         self.acc.wait_for_everyone()
         self._saved_step = step
@@ -285,10 +308,16 @@ class Trainer:
             self.log("checkpoint.resume=latest: no checkpoint found, starting fresh")
             return
         state = ckpt.load(path, self.stateful, self.acc.process_index)
+        layout, world = state.pop("layout", "single"), state.pop("world_size", 1)
+        if dist.shards_optimizer(layout) or dist.shards_optimizer(self.layout):
+            if (layout, world) != (self.layout, self.acc.num_processes):
+                raise ckpt.CheckpointError(f"{path} was written by {world} process(es) under {layout}; a sharded "
+                                           f"checkpoint resumes only with the same layout, not {self.acc.num_processes} under {self.layout}")
+            dist.load_sharded(self.model, self.optimizer, path / dist.SHARDED_DIR, self.layout)
         self.prompts.load_state(state.pop("data"))
         self.state.update(state)
         self._saved_step = self.state["step"]
-        self.engine.update_weights(self.unwrapped)
+        self.sync_weights()
         if self.is_main:  # forget steps logged after the checkpoint, so none is logged twice
             self.metrics.truncate_after("step", self.state["step"])
             self.completions.truncate_after("step", self.state["step"])
@@ -300,6 +329,6 @@ class Trainer:
             return
         from rlhf.models.export import save_model
 
-        save_model(self.unwrapped, self.tokenizer, self.out / "final", merge=False)
+        save_model(self.whole_model, self.tokenizer, self.out / "final", merge=False)
         if self.cfg.model.lora.enabled and self.cfg.checkpoint.merge_lora:
-            save_model(self.unwrapped, self.tokenizer, self.out / "final_merged", merge=True)
+            save_model(self.whole_model, self.tokenizer, self.out / "final_merged", merge=True)
