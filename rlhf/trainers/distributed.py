@@ -153,7 +153,7 @@ def save_sharded(model, optimizer, path, mode: str) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        msd, osd = get_state_dict(model, _inner(optimizer))
+        msd, osd = get_state_dict(model, inner_optimizer(optimizer))
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
 
 
@@ -167,13 +167,13 @@ def load_sharded(model, optimizer, path, mode: str) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        msd, osd = get_state_dict(model, _inner(optimizer))
+        msd, osd = get_state_dict(model, inner_optimizer(optimizer))
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, _inner(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, inner_optimizer(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def _inner(optimizer):
+def inner_optimizer(optimizer):
     while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer wraps the torch one
         optimizer = optimizer.optimizer
     return optimizer

@@ -80,10 +80,11 @@ class Trainer:
         self.full = dist.full_copy(policy).to(self.acc.device) if self.layout in dist.SHARDED else None
         optimizer = build_optimizer(policy, cfg.train)
         self.total_opt_steps = cfg.train.steps * cfg.train.updates_per_batch
-        self.scheduler = build_scheduler(optimizer, cfg.train, self.total_opt_steps)
         if self.layout in ("zero2", "zero3"):
             dist.configure_deepspeed(cfg, self.acc)
         self.model, self.optimizer = self.acc.prepare(policy, optimizer)
+        # on the optimizer that steps (DeepSpeed wraps it, or swaps in its CPU Adam when offloading)
+        self.scheduler = build_scheduler(dist.inner_optimizer(self.optimizer), cfg.train, self.total_opt_steps)
         self.engine = ENGINES.get(cfg.generation.engine)(self.whole_model, self.tokenizer, cfg)
         g = cfg.generation
         self.sampling = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k)

@@ -73,17 +73,21 @@ def run_layout(config: str | None, overrides: list[str], out_dir: Path, nproc: i
     return res
 
 
+ON_GPU = torch.cuda.is_available()
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+
+
 @pytest.fixture(scope="module")
 def single(tiny_model_dir, tmp_path_factory):
-    """The reference: one process, 2 micro-batches of 4 samples, one step (per case)."""
+    """The reference: one process, 2 micro-batches of 4 samples, one step (per case and device)."""
     cache = {}
 
-    def get(case: str) -> tuple[dict, list[str]]:
-        if case not in cache:
+    def get(case: str, gpu: bool = False) -> tuple[dict, list[str]]:
+        if (case, gpu) not in cache:
             root = tmp_path_factory.mktemp(f"single-{case}")
             overrides = base_overrides(tiny_model_dir, root, case)
-            cache[case] = run_layout(None, overrides, root), overrides
-        return cache[case]
+            cache[case, gpu] = run_layout(None, overrides, root, env=None if gpu else CPU_ONLY), overrides
+        return cache[case, gpu]
 
     return get
 
@@ -106,7 +110,7 @@ def test_ddp_two_processes_match_one_process(case, single, tiny_model_dir, tmp_p
     equals the one-process step (same completions, loss, gradient norm and parameters within 1e-5, fp32)."""
     ref, overrides = single(case)
     assert ref["world_size"] == 1 and ref["layout"] == "single"
-    got = run_layout("cpu_2proc.yaml", overrides, tmp_path)
+    got = run_layout("cpu_2proc.yaml", overrides, tmp_path, env=CPU_ONLY)
     assert got["world_size"] == 2 and got["layout"] == "ddp"
     assert [m["world_size"] for m in got["metrics"]] == [2]
     assert len(got["completions"]) == 8  # 2 prompts x 4 samples, one prompt's group on each rank
@@ -126,31 +130,29 @@ def deepspeed_runs_here() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-SHARDED = {
-    # config: (extra environment, why it may not run here)
-    "zero2.yaml": ({"DS_ACCELERATOR": "cpu"}, "deepspeed not installed (pip install 'rlhf[deepspeed]')"),
-    "zero3.yaml": ({"DS_ACCELERATOR": "cpu"}, "deepspeed not installed (pip install 'rlhf[deepspeed]')"),
-    "fsdp2.yaml": ({}, ""),
-}
+# On a CPU machine: 2 processes over gloo (DeepSpeed's CPU accelerator). With GPUs: up to 2 GPU processes
+# (one GPU still runs the sharded code paths: ZeRO-3 partitions and FSDP2 DTensors over a world of 1).
+NPROC = min(2, torch.cuda.device_count()) if ON_GPU else 2
+SHARDED_ENV = {} if ON_GPU else {"DS_ACCELERATOR": "cpu"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", list(SHARDED))
+@pytest.mark.parametrize("config", ["zero2.yaml", "zero3.yaml", "fsdp2.yaml"])
 def test_sharded_layout_runs_two_steps_and_matches_one_process(config, single, tmp_path):
-    """ZeRO-2, ZeRO-3 and FSDP2 on 2 CPU processes (gloo): 2 steps, a checkpoint, a resume to step 3;
-    step 1 equals the one-process step (generation from the gathered whole copy, global normaliser)."""
-    env, why = SHARDED[config]
+    """ZeRO-2, ZeRO-3 and FSDP2: 2 steps, a checkpoint, a resume to step 3; step 1 equals the
+    one-process step (generation from the gathered whole copy, global normaliser)."""
     if config.startswith("zero") and not deepspeed_runs_here():
-        pytest.skip(why)
-    ref, overrides = single("grpo")
-    got = run_layout(config, [*overrides, "train.steps=2"], tmp_path, env=env)
-    assert got["world_size"] == 2 and got["layout"] == config.removesuffix(".yaml")
-    assert [m["world_size"] for m in got["metrics"]] == [2, 2]
+        pytest.skip("deepspeed not installed (pip install 'rlhf[deepspeed]'; make setup installs it)")
+    ref, overrides = single("grpo", gpu=ON_GPU)
+    got = run_layout(config, [*overrides, "train.steps=2"], tmp_path, nproc=NPROC, env=SHARDED_ENV)
+    assert got["world_size"] == NPROC and got["layout"] == config.removesuffix(".yaml")
+    assert [m["world_size"] for m in got["metrics"]] == [NPROC, NPROC]
     first = {**got, "records": got["records"][:1], "params": ref["params"]}  # params are after step 2 here
     assert_same_step(ref, first)
     assert (got["run"] / "checkpoints" / "step_000002" / "sharded").is_dir()
     # resume from step 2 and run a third step under the same layout
-    again = run_layout(config, [*overrides, "train.steps=3", "checkpoint.resume=latest"], tmp_path, env=env)
+    again = run_layout(config, [*overrides, "train.steps=3", "checkpoint.resume=latest"], tmp_path, nproc=NPROC,
+                       env=SHARDED_ENV)
     assert [m["step"] for m in again["metrics"]] == [1, 2, 3]
 
 
