@@ -18,6 +18,7 @@ model copy per process (use LoRA, whose reference is the base network, for model
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Iterator
 
@@ -53,9 +54,24 @@ def check_layout(cfg: Config, acc: Accelerator, mode: str) -> None:
     if mode in SHARDED and cfg.model.lora.enabled:
         raise ConfigError(f"model.lora.enabled=true with {mode} is not supported: a LoRA run trains a small adapter, "
                           "shard nothing (launch/multi_gpu_ddp.yaml) or only the optimizer (launch/zero2.yaml)")
-    if mode == "zero3" and acc.state.deepspeed_plugin.zero3_init_flag:
-        raise ConfigError("ZeRO-3 with zero3_init_flag: true loads the model already sharded, but the trainer needs one "
-                          "whole copy for generation and the reference; set zero3_init_flag: false (launch/zero3.yaml)")
+
+
+@contextlib.contextmanager
+def whole_loading(mode: str):
+    """Load models whole under ZeRO-3. accelerate registers its DeepSpeed config with transformers whatever
+    zero3_init_flag says, and `from_pretrained` then builds every model already partitioned (zero.Init);
+    the reference and the generation copy must stay whole, and `prepare` shards the policy itself."""
+    if mode != "zero3":
+        yield
+        return
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def configure_deepspeed(cfg: Config, acc: Accelerator) -> None:

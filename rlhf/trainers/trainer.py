@@ -72,12 +72,13 @@ class Trainer:
         if self.prompts.stats["prompts/too_long"]:
             self.log(f"data: {self.prompts.stats} (data.on_long_prompt={d.on_long_prompt})")
 
-        policy = load_policy(cfg.model)
-        self.ref = load_reference(cfg.model, policy, cfg.algo.kl.coef)
+        with dist.whole_loading(self.layout):
+            policy = load_policy(cfg.model)
+            self.ref = load_reference(cfg.model, policy, cfg.algo.kl.coef)  # frozen, whole on every process
+            # zero3/fsdp2: the engine samples from a whole copy, refreshed after each step (rlhf.trainers.distributed)
+            self.full = dist.full_copy(policy).to(self.acc.device) if self.layout in dist.SHARDED else None
         if self.ref is not None:
             self.ref.to(self.acc.device)
-        # zero3/fsdp2: the engine samples from a whole copy, refreshed after each step (rlhf.trainers.distributed)
-        self.full = dist.full_copy(policy).to(self.acc.device) if self.layout in dist.SHARDED else None
         optimizer = build_optimizer(policy, cfg.train)
         self.total_opt_steps = cfg.train.steps * cfg.train.updates_per_batch
         if self.layout in ("zero2", "zero3"):
