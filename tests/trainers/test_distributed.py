@@ -66,7 +66,8 @@ def run_layout(config: str | None, overrides: list[str], out_dir: Path, nproc: i
                 "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     proc = subprocess.run([*cmd, *overrides, f"output_dir={out_dir / 'run'}"], env=full_env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-6000:])
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line and not line.lstrip().startswith("File")]
+    assert proc.returncode == 0, "\n".join(errors[-10:]) + "\n" + proc.stderr[-4000:]
     res = torch.load(out, weights_only=False)
     res["metrics"] = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
     res["run"] = out_dir / "run"
