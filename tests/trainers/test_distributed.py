@@ -31,8 +31,9 @@ def length(prompts, completions, completion_ids, **kwargs):
 # Each case: the overrides of one algorithm. A case must leave the group on one process (all do).
 CASES = {
     "grpo": [],  # GRPO, ppo_clip, KL in the loss to the frozen (unsharded) reference
-    # "ppo": [...],  # TODO(issue4ppo): add the PPO trainer's overrides here (critic + GAE + KL in reward) once
-    # branch issue4ppo is merged; layout_run.py builds the trainer the config names, nothing else changes.
+    # "ppo": [...],  # TODO(issue4ppo): once branch issue4ppo is merged, add the PPO overrides here (critic, GAE,
+    # KL in the reward). layout_run.py builds `rlhf.trainers.Trainer`; if PPO is a separate class, build it there
+    # from the config (one line). The critic must then be saved whole / sharded like the policy in distributed.py.
 }
 
 
