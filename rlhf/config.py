@@ -87,6 +87,9 @@ class GenerationConfig:
     temperature: float = opt(1.0, "sampling temperature")
     top_p: float = opt(1.0, "nucleus sampling mass")
     top_k: int = opt(0, "top-k sampling (0: off)")
+    seed_per_prompt: bool = opt(
+        False, "hf engine: sample each prompt's group with its own seed (train.seed, the prompt's tokens, the call count), "
+        "so completions do not depend on the number of processes or the batch (one generate call per prompt: slower)")
     vllm: VLLMConfig = opt(VLLMConfig(), "settings of the vllm engine")
 
 
@@ -318,6 +321,8 @@ class Config:
             raise ConfigError(f"generation.top_p must be in (0, 1], got {g.top_p}")
         if g.top_k < 0:
             raise ConfigError(f"generation.top_k must be >= 0 (0: off), got {g.top_k}")
+        if g.seed_per_prompt and g.engine != "hf":
+            raise ConfigError(f"generation.seed_per_prompt=true needs generation.engine=hf, got {g.engine}")
         if g.vllm.kv_cache_gb <= 0:
             raise ConfigError(f"generation.vllm.kv_cache_gb must be > 0, got {g.vllm.kv_cache_gb}")
         if not 0 < g.vllm.gpu_memory_utilization < 1:

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.tracking import GeneralTracker
+from accelerate.utils import DistributedType
 
 from rlhf.config import Config
 
@@ -62,8 +63,34 @@ def build_trackers(cfg: Config) -> list[GeneralTracker]:
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    """The trainer's Accelerator, with `log_with` set from `cfg.log.trackers` (CPU when no GPU is present)."""
-    return Accelerator(cpu=not torch.cuda.is_available(), log_with=build_trackers(cfg) or None)
+    """The trainer's Accelerator, with `log_with` set from `cfg.log.trackers`.
+
+    The layout (DDP, DeepSpeed, FSDP2) comes from `accelerate launch`. Without a GPU it runs on the CPU,
+    except under DeepSpeed (with DS_ACCELERATOR=cpu) and FSDP: `cpu=True` would turn those into plain DDP.
+    """
+    use = lambda name: os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"  # noqa: E731
+    cpu = not torch.cuda.is_available()
+    if cpu and use("DEEPSPEED"):  # without a backend named, accelerate counts 1 process under DeepSpeed on a CPU
+        PartialState(backend="gloo")
+    acc = Accelerator(cpu=cpu and not use("DEEPSPEED"), log_with=build_trackers(cfg) or None)
+    if cpu and use("FSDP") and acc.distributed_type == DistributedType.MULTI_CPU:
+        _fsdp_on_cpu(acc)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes != world:  # never train twice on the same prompts without knowing it
+        raise RuntimeError(f"accelerate sees {acc.num_processes} process(es) but WORLD_SIZE={world} "
+                           f"({acc.distributed_type}); check the launch config (launch/*.yaml)")
+    return acc
+
+
+def _fsdp_on_cpu(acc: Accelerator) -> None:
+    """accelerate selects FSDP only on accelerators (on a CPU it silently runs plain DDP); torch's FSDP2
+    runs on CPU tensors over gloo, so switch the shared state to FSDP with the plugin from the launcher's env."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    state = AcceleratorState()
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` sets
+    state.distributed_type = DistributedType.FSDP
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

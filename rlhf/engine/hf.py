@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import zlib
 
 import torch
 import transformers
@@ -54,9 +55,28 @@ class HFEngine:
         fp32_weights = any(p.dtype == torch.float32 for p in model.parameters())
         self.copy_weights = self.compute_dtype == "bf16" and fp32_weights and not hasattr(model, "peft_config")
         self.model = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False) if self.copy_weights else model
+        self.seed_per_prompt, self.seed, self.calls = cfg.generation.seed_per_prompt, cfg.train.seed, 0
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, return_logps: bool = False) -> Rollouts:
+        self.calls += 1
+        if not self.seed_per_prompt:
+            return self._generate(prompt_ids, n, sampling, return_logps)
+        parts, seen = [], {}
+        for ids in prompt_ids:  # the seed depends only on the prompt (and its repeats), not on its neighbours
+            seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
+            key = f"{self.seed}:{self.calls}:{seen[tuple(ids)]}:{','.join(map(str, ids))}".encode()
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(zlib.crc32(key))
+                parts.append(self._generate([ids], n, sampling, return_logps))
+        return Rollouts(
+            prompt_ids=[p for r in parts for p in r.prompt_ids], completion_ids=[c for r in parts for c in r.completion_ids],
+            finished=[f for r in parts for f in r.finished],
+            sampler_logps=None if not return_logps else [lp for r in parts for lp in r.sampler_logps],
+        )
+
+    def _generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, return_logps: bool) -> Rollouts:
         model = self.model
         device = next(model.parameters()).device
         ids_BP, mask_BP = left_pad(prompt_ids, self.pad_id, device)

@@ -5,6 +5,7 @@ Layout of `<output_dir>/checkpoints/step_000012/`:
     policy.safetensors      trainable weights (the LoRA adapter, or the full model)
     optimizer.pt, scheduler.pt, ...   one file per named stateful component
     rng_rank{r}.pt          torch (CPU, CUDA), python and numpy RNG of process r
+    sharded/                zero2, zero3, fsdp2: weights and optimizer state as each process holds them
     state.json              trainer counters and data position; written last
 
 A trainer passes its components as a dict, `{"policy": model, "optimizer": opt, ...}`;
@@ -141,8 +142,9 @@ def commit(root: Path, step: int, components: dict[str, Any], state: dict, keep_
             save_file(trainable_state(obj), tmp / f"{name}.safetensors")
         else:
             torch.save(obj.state_dict(), tmp / f"{name}.pt")
-    for f in tmp.iterdir():
-        _fsync(f)
+    for f in tmp.rglob("*"):  # rank files and per-process shards too
+        if f.is_file():
+            _fsync(f)
     _write_atomic(tmp / "state.json", json.dumps({**state, "components": sorted(components)}, indent=1))
     _fsync(tmp)
     final = step_dir(root, step)

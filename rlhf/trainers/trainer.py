@@ -37,6 +37,7 @@ from rlhf.redact import redact
 from rlhf.rewards import RewardModule
 from rlhf.trainers import checkpoint as ckpt
 from rlhf.trainers.critic import Critic
+from rlhf.trainers import distributed as dist
 from rlhf.trainers.experience import Experience, completion_mask, pad_rows, score_at_last_token
 from rlhf.trainers.guards import NonFiniteGradients, Preemption
 from rlhf.trainers.optim import build_optimizer, build_scheduler
@@ -54,13 +55,15 @@ class Trainer:
     def __init__(self, cfg: Config, accelerator: Optional[Accelerator] = None):
         self.cfg = cfg
         self.acc = accelerator or make_accelerator(cfg)  # an accelerator passed in brings its own trackers
+        self.layout = dist.layout(self.acc)  # single, ddp, zero2, zero3 or fsdp2
         cfg.validate(self.acc.num_processes)
+        dist.check_layout(cfg, self.acc, self.layout)
         quiet_repeated_warnings()
         check_algorithm(cfg, has_critic=critic_type(cfg) != "none")
         set_seed(cfg.train.seed, device_specific=True)
         self.out = Path(cfg.output_dir)
         self.log = self.acc.print
-        self.log(cfg.derived_summary(self.acc.num_processes))
+        self.log(f"{cfg.derived_summary(self.acc.num_processes)} | layout {self.layout}")
 
         # Cheap, error-prone inputs first: rewards and data fail before the model loads.
         self.rewards = RewardModule(cfg.reward.functions, cfg.reward.on_error, cfg.reward.timeout_s)
@@ -74,15 +77,21 @@ class Trainer:
         if self.prompts.stats["prompts/too_long"]:
             self.log(f"data: {self.prompts.stats} (data.on_long_prompt={d.on_long_prompt})")
 
-        policy = load_policy(cfg.model)
-        self.ref = load_reference(cfg.model, policy, cfg.algo.kl.coef)
+        with dist.whole_loading(self.layout):
+            policy = load_policy(cfg.model)
+            self.ref = load_reference(cfg.model, policy, cfg.algo.kl.coef)  # frozen, whole on every process
+            # zero3/fsdp2: the engine samples from a whole copy, refreshed after each step (rlhf.trainers.distributed)
+            self.full = dist.full_copy(policy).to(self.acc.device) if self.layout in dist.SHARDED else None
         if self.ref is not None:
             self.ref.to(self.acc.device)
         optimizer = build_optimizer(policy, cfg.train)
         self.total_opt_steps = cfg.train.steps * cfg.train.updates_per_batch * cfg.train.mini_batches_per_pass
-        self.scheduler = build_scheduler(optimizer, cfg.train, self.total_opt_steps)
+        if self.layout in ("zero2", "zero3"):
+            dist.configure_deepspeed(cfg, self.acc)
         self.model, self.optimizer = self.acc.prepare(policy, optimizer)
-        self.engine = ENGINES.get(cfg.generation.engine)(self.acc.unwrap_model(self.model), self.tokenizer, cfg)
+        # on the optimizer that steps (DeepSpeed wraps it, or swaps in its CPU Adam when offloading)
+        self.scheduler = build_scheduler(dist.inner_optimizer(self.optimizer), cfg.train, self.total_opt_steps)
+        self.engine = ENGINES.get(cfg.generation.engine)(self.whole_model, self.tokenizer, cfg)
         g = cfg.generation
         self.sampling = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k)
 
@@ -97,7 +106,10 @@ class Trainer:
         self.state = {"step": 0, "opt_step": 0}
         self.nonfinite = NonFiniteGradients(self.state, cfg.train.max_skipped_steps)
         # Everything a checkpoint saves and a resume restores: the policy, and the critic and an adaptive KL controller.
-        self.stateful = {"policy": self.unwrapped, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        # zero2/zero3/fsdp2: the optimizer is saved per process (distributed.save_sharded); "policy" holds whole weights.
+        self.stateful = {"policy": self.whole_model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        if dist.shards_optimizer(self.layout):
+            del self.stateful["optimizer"]
         kind = critic_type(cfg)
         self.critic = Critic(self, kind) if kind != "none" else None
         if self.critic is not None:
@@ -125,6 +137,17 @@ class Trainer:
     def kl_coef(self) -> float:
         """beta now: `algo.kl.coef`, or where the adaptive controller has moved it."""
         return self.kl_ctl.coef
+
+    @property
+    def whole_model(self) -> torch.nn.Module:
+        """The policy with whole (unsharded) weights: what generation, weight sync and `save_final` read."""
+        return self.full if self.full is not None else self.unwrapped
+
+    def sync_weights(self) -> None:
+        """Refresh the whole copy (zero3/fsdp2: a collective gather) and the engine's weights."""
+        if self.full is not None:
+            dist.gather_into(self.full, self.unwrapped, self.layout)
+        self.engine.update_weights(self.whole_model)
 
     def _reduce_sum(self, x: float) -> float:
         return float(self.acc.reduce(torch.tensor(float(x), device=self.acc.device), "sum"))
@@ -182,7 +205,7 @@ class Trainer:
         if cfg.algo.kl.coef > 0 and cfg.algo.kl.placement == "in_reward":  # PPO: r_t = score [t = last] - beta KL_t
             kl_NT = self.kl_fn(exp.old_logp_NT, exp.ref_logp_NT) * mask_NT
             rewards_NT = rewards_NT - self.kl_coef * kl_NT
-            kl_reward = float((kl_NT.sum() / mask_NT.sum().clamp(min=1)))
+            kl_reward = self._reduce_sum(kl_NT.sum()) / max(1.0, self._reduce_sum(mask_NT.sum()))  # over all processes
         exp.rewards_NT = rewards_NT
         exp.adv_NT, exp.ret_NT = self.adv_fn(AdvantageInputs(rewards_NT, mask_NT, G, exp.values_NT), cfg.algo)
         if cfg.algo.whiten_advantages:
@@ -219,7 +242,7 @@ class Trainer:
         self.state["opt_step"] += len(updates)
         with timer("sync"):
             self.engine.wake()
-            self.engine.update_weights(self.unwrapped)
+            self.sync_weights()
         self.state["step"] += 1
 
         scores = self.acc.gather(exp.scores_N.to(self.acc.device)).float().cpu()
@@ -324,9 +347,11 @@ class Trainer:
         root = self.out / "checkpoints"
         step = self.state["step"]
         ckpt.write_rank_files(root, step, self.acc.process_index)
+        if dist.shards_optimizer(self.layout):
+            dist.save_sharded(self.model, self.optimizer, ckpt.staging_dir(root, step) / dist.SHARDED_DIR, self.layout)
         self.acc.wait_for_everyone()
         if self.is_main:
-            state = {**self.state, "data": self.prompts.state()}
+            state = {**self.state, "data": self.prompts.state(), "layout": self.layout, "world_size": self.acc.num_processes}
             ckpt.commit(root, step, self.stateful, state, self.cfg.checkpoint.keep_last)
         self.acc.wait_for_everyone()
         self._saved_step = step
@@ -340,10 +365,16 @@ class Trainer:
             self.log("checkpoint.resume=latest: no checkpoint found, starting fresh")
             return
         state = ckpt.load(path, self.stateful, self.acc.process_index)
+        layout, world = state.pop("layout", "single"), state.pop("world_size", 1)
+        if dist.shards_optimizer(layout) or dist.shards_optimizer(self.layout):
+            if (layout, world) != (self.layout, self.acc.num_processes):
+                raise ckpt.CheckpointError(f"{path} was written by {world} process(es) under {layout}; a sharded "
+                                           f"checkpoint resumes only with the same layout, not {self.acc.num_processes} under {self.layout}")
+            dist.load_sharded(self.model, self.optimizer, path / dist.SHARDED_DIR, self.layout)
         self.prompts.load_state(state.pop("data"))
         self.state.update(state)
         self._saved_step = self.state["step"]
-        self.engine.update_weights(self.unwrapped)
+        self.sync_weights()
         if self.is_main:  # forget steps logged after the checkpoint, so none is logged twice
             self.metrics.truncate_after("step", self.state["step"])
             self.completions.truncate_after("step", self.state["step"])
@@ -355,6 +386,6 @@ class Trainer:
             return
         from rlhf.models.export import save_model
 
-        save_model(self.unwrapped, self.tokenizer, self.out / "final", merge=False)
+        save_model(self.whole_model, self.tokenizer, self.out / "final", merge=False)
         if self.cfg.model.lora.enabled and self.cfg.checkpoint.merge_lora:
-            save_model(self.unwrapped, self.tokenizer, self.out / "final_merged", merge=True)
+            save_model(self.whole_model, self.tokenizer, self.out / "final_merged", merge=True)

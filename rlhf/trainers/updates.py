@@ -139,16 +139,23 @@ class BatchUpdater:
         for rows, norm in self.minis:
             sums: dict = defaultdict(float)
             chunks = self.t._chunks(rows)
-            for k, chunk in enumerate(chunks):
-                mb = exp.select(chunk)
-                sync = acc.no_sync(self.t.model) if k < len(chunks) - 1 else contextlib.nullcontext()
-                with sync:
-                    logp_NT, ent_NT = self.t._forward(self.t.model, mb)
-                    if capture:
-                        old_logp_NT[chunk, : logp_NT.shape[1]] = logp_NT.detach().float().cpu()
-                    loss, stats = self._loss(mb, logp_NT, extra, norm)
-                    acc.backward(loss * acc.num_processes)  # DDP averages gradients; the normaliser is already global
-                self._add(sums, loss, ent_NT, mb, stats)
+            try:
+                for k, chunk in enumerate(chunks):
+                    mb = exp.select(chunk)
+                    last = k == len(chunks) - 1
+                    # The accumulation boundary: DeepSpeed reduces gradients and steps its optimizer there (inside
+                    # `acc.backward`); DDP and FSDP2 skip their gradient all-reduce before it (no_sync).
+                    acc.gradient_state._set_sync_gradients(last)
+                    with contextlib.nullcontext() if last else acc.no_sync(self.t.model):
+                        logp_NT, ent_NT = self.t._forward(self.t.model, mb)
+                        if capture:
+                            old_logp_NT[chunk, : logp_NT.shape[1]] = logp_NT.detach().float().cpu()
+                        loss, stats = self._loss(mb, logp_NT, extra, norm)
+                        # DDP, FSDP2 and DeepSpeed average gradients over processes; the normaliser is already global
+                        acc.backward(loss * acc.num_processes)
+                    self._add(sums, loss, ent_NT, mb, stats)
+            finally:
+                acc.gradient_state._set_sync_gradients(True)
             metrics = self._metrics(sums, norm)
             grad_norm = self._clip_and_step()
             records.append({**metrics, "grad_norm": grad_norm, "lr": self.t.scheduler.get_last_lr()[0]})
@@ -158,8 +165,15 @@ class BatchUpdater:
         return records
 
     def _clip_and_step(self) -> float:
+        """Clip, step (skipping a NaN/inf gradient) and zero the gradients; returns the gradient norm.
+
+        Under DeepSpeed the engine has already clipped (gradient_clipping = train.max_grad_norm) and
+        stepped inside the last `acc.backward`; this reads its norm, and `optimizer.step` is a no-op.
+        DeepSpeed applies a non-finite fp32 gradient: the guard then only counts it and stops the run.
+        """
         max_norm = self.cfg.train.max_grad_norm
-        grad_norm = float(self.t.acc.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf")))
+        norm = self.t.acc.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+        grad_norm = float("nan") if norm is None else float(norm)
         if self.t.nonfinite.record(grad_norm):  # a NaN/inf gradient never reaches the weights
             self.t.optimizer.step()
             self.t.scheduler.step()

@@ -58,3 +58,18 @@ def test_bf16_generation_copy_follows_the_policy(tiny_model_dir, tokenizer):
         assert torch.equal(dict(engine.model.named_parameters())[name], p.to(torch.bfloat16)), name
     out = engine.generate([[7, 8]], n=2, sampling=SamplingParams(max_new_tokens=4))
     assert len(out) == 2
+
+
+def test_seed_per_prompt_makes_a_group_independent_of_its_batch(tiny_model_dir, tokenizer):
+    """generation.seed_per_prompt: a prompt's group is the same whether it is sampled alone or beside others
+    (so the completions do not depend on how prompts are sharded over processes)."""
+    model = load_causal_lm(str(tiny_model_dir))
+    cfg = Config()
+    cfg.model.compute_dtype = "fp32"
+    cfg.generation.seed_per_prompt = True
+    sampling = SamplingParams(max_new_tokens=6, temperature=1.0)
+    together = HFEngine(model, tokenizer, cfg).generate([[7, 8, 9], [10, 11]], n=4, sampling=sampling)
+    torch.manual_seed(123)  # the global RNG plays no part
+    alone = HFEngine(model, tokenizer, cfg).generate([[10, 11]], n=4, sampling=sampling)
+    assert together.completion_ids[4:] == alone.completion_ids
+    assert len(set(map(tuple, together.completion_ids[:4]))) > 1  # still sampling within the group

@@ -1,0 +1,46 @@
+"""Subprocess helper for the layout tests (run under `accelerate launch` with any config, or plainly).
+
+Trains from `key=value` overrides with the accelerator the launcher set up (DDP, DeepSpeed, FSDP2 or
+one process), then rank 0 writes to $RLHF_TEST_OUT (a .pt file): the world size, the layout, the
+records, every trainable parameter after training (gathered whole) and every completion of the
+first step from every rank (to check that generation did not depend on the layout).
+"""
+import os
+import sys
+
+import torch
+
+from rlhf.config import load_config
+from rlhf.trainers import Trainer
+from rlhf.trainers import distributed as dist
+
+
+def main(argv: list[str]) -> None:
+    trainer = Trainer(load_config(None, argv))
+    acc = trainer.acc
+    first: list = []
+    real_make = trainer.make_experience
+
+    def make_experience(timer):  # record what every rank generated in step 1
+        exp, info = real_make(timer)
+        if not first:
+            first.append([list(p) + [-1] + list(c) for p, c in zip(exp.prompt_ids, exp.completion_ids)])
+        return exp, info
+
+    trainer.make_experience = make_experience
+    records = trainer.train()
+    params = {n: t.detach().float().cpu().clone() for n, t in dist.full_parameters(trainer.unwrapped, trainer.layout)}
+    rows = first[0]
+    per_rank = [None] * acc.num_processes
+    if acc.num_processes > 1:
+        torch.distributed.all_gather_object(per_rank, rows)
+    else:
+        per_rank = [rows]
+    if acc.is_main_process:
+        torch.save({"world_size": acc.num_processes, "layout": trainer.layout, "records": records, "params": params,
+                    "completions": [r for rank_rows in per_rank for r in rank_rows]}, os.environ["RLHF_TEST_OUT"])
+    acc.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
