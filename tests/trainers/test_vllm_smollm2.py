@@ -28,7 +28,9 @@ def prompts(trainer, k=4):
 def test_bf16_training_keeps_the_engine_in_sync(tmp_path, lora):
     cfg = load_config(RECIPE, [
         f"output_dir={tmp_path}", "generation.engine=vllm", "generation.vllm.kv_cache_gb=1", f"model.lora.enabled={str(lora).lower()}",
-        "train.steps=2", "train.samples_per_prompt=4", "generation.max_new_tokens=16", "algo.kl.coef=0",
+        "train.steps=2", "train.prompts_per_step=2", "train.samples_per_prompt=4", "train.micro_batch_size=8",
+        "generation.max_new_tokens=16",
+        "generation.temperature=1.0", "algo.kl.coef=0",  # log-probs at T < 1 scale the bf16 logit noise by 1/T
         "train.lr=1e-4" if lora else "train.lr=2e-5", "log.progress=false", "checkpoint.save_final=false",
     ])
     trainer = Trainer(cfg)
