@@ -23,7 +23,7 @@ import datasets
 import torch
 
 from reward_models.tasks import PREFERENCE_TASKS
-from rlhf.data.prompts import FORMATS, DataError
+from rlhf.data.prompts import DataError, read_local_dataset
 
 
 def load_preference_dataset(spec: str, split: str = "train", task_args: dict | None = None, seed: int = 0) -> datasets.Dataset:
@@ -35,24 +35,7 @@ def load_preference_dataset(spec: str, split: str = "train", task_args: dict | N
     if not path.exists():
         raise DataError(f"data: '{spec}' is neither a built-in preference task ({', '.join(PREFERENCE_TASKS.names())}) "
                         "nor an existing file or directory")
-    try:
-        if path.is_dir():
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                names = [split] if split == "train" else [split, "test", "validation"]
-                found = next((n for n in names if n in ds), None)
-                if found is None:
-                    raise DataError(f"{path}: saved DatasetDict has no {' / '.join(map(repr, names))} split (splits: {', '.join(ds)})")
-                ds = ds[found]
-            return ds
-        fmt = FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(FORMATS)} or a saved dataset directory")
-        return datasets.load_dataset(fmt, data_files=str(path), split="train")
-    except DataError:
-        raise
-    except Exception as e:  # datasets wraps parse errors in many types
-        raise DataError(f"{path}: cannot read preference pairs: {type(e).__name__}: {e}") from None
+    return read_local_dataset(path, split, "preference pairs", ("test", "validation"))
 
 
 def load_pairs(dcfg, tokenizer, seed: int = 0) -> tuple["PreferencePairs", Optional["PreferencePairs"]]:

@@ -101,8 +101,13 @@ requires_smollm2 = pytest.mark.skipif(not smollm2_available(), reason="llm-smoll
 
 
 YES_REWARD = '''
+import os
+import time
+
+
 def yes_fraction(prompts, completions, completion_ids, **kwargs):
-    """Dense toy reward: the fraction of completion words that are 'yes'."""
+    """Dense toy reward: the fraction of completion words that are 'yes' (slowed down by SLOW_REWARD_S)."""
+    time.sleep(float(os.environ.get("SLOW_REWARD_S", "0")))
     out = []
     for c in completions:
         text = c if isinstance(c, str) else c[-1]["content"]

@@ -30,11 +30,18 @@ def load_prompt_dataset(spec: str, split: str = "train", task_args: dict | None 
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(f"data: '{spec}' is neither a built-in task ({', '.join(TASKS.names())}) nor an existing file or directory")
+    return read_local_dataset(path, split, "prompts", ("eval", "test", "validation"))
+
+
+def read_local_dataset(path: Path, split: str, what: str, fallbacks: tuple[str, ...]) -> datasets.Dataset:
+    """A jsonl/json/csv/parquet file, or a `save_to_disk` directory: from a DatasetDict the 'train' split for
+    split 'train', else `split` or the first of `fallbacks` it has. Errors name the file and, where it can be
+    found, the bad line; `what` names the content ('prompts', 'preference pairs')."""
     try:
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
-                names = ("train",) if split == "train" else (split, "eval", "test", "validation")
+                names = ("train",) if split == "train" else (split, *fallbacks)
                 found = next((n for n in names if n in ds), None)
                 if found is None:
                     raise DataError(f"{path}: saved DatasetDict has no {' / '.join(repr(n) for n in dict.fromkeys(names))} "
@@ -48,7 +55,7 @@ def load_prompt_dataset(spec: str, split: str = "train", task_args: dict | None 
     except DataError:
         raise
     except Exception as e:  # datasets wraps parse errors in many types
-        raise DataError(f"{path}: cannot read prompts: {_read_problem(path, e)}") from None
+        raise DataError(f"{path}: cannot read {what}: {_read_problem(path, e)}") from None
 
 
 def _read_problem(path: Path, err: BaseException) -> str:

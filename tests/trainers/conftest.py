@@ -1,21 +1,7 @@
 """Reward functions the trainer tests run with, written to files as users write theirs."""
 import pytest
 
-YES_REWARD = '''
-import os
-import time
-
-
-def yes_fraction(prompts, completions, completion_ids, **kwargs):
-    """Dense toy reward: the fraction of completion words that are 'yes' (slowed down by SLOW_REWARD_S)."""
-    time.sleep(float(os.environ.get("SLOW_REWARD_S", "0")))
-    out = []
-    for c in completions:
-        text = c if isinstance(c, str) else c[-1]["content"]
-        words = text.split()
-        out.append(sum(w == "yes" for w in words) / max(1, len(words)))
-    return out
-'''
+from tests.conftest import YES_REWARD
 
 
 @pytest.fixture
