@@ -381,11 +381,6 @@ class Config:
                 f"generation.engine={g.engine} needs the '{meta['requires']}' package, which is not installed "
                 f"(pip install 'rlhf[{meta['requires']}]'; on a CPU machine `make setup` installs its CPU build)"
             )
-        if meta.get("max_processes") and world_size > meta["max_processes"]:
-            raise ConfigError(
-                f"generation.engine={g.engine} supports at most {meta['max_processes']} process(es), got {world_size} "
-                "(use generation.engine=hf for multi-process runs)"
-            )
 
     def _validate_critic(self) -> None:
         c, kl = self.critic, self.algo.kl

@@ -2,7 +2,7 @@
 
 Each entry declares in its metadata what it offers and needs: `sampler_logps` (the engine
 returns the sampled tokens' log-probs at no extra cost, so the trainer always asks for them and
-logs the sampler/trainer gap), `requires` (an optional package) and `max_processes`.
+logs the sampler/trainer gap) and `requires` (an optional package).
 """
 from rlhf.engine.base import GenerationEngine, Rollouts, SamplingParams
 from rlhf.registry import Registry
@@ -17,7 +17,7 @@ def _hf(model, tokenizer, cfg):
     return HFEngine(model, tokenizer, cfg)
 
 
-@ENGINES.register("vllm", sampler_logps=True, requires="vllm", max_processes=1)
+@ENGINES.register("vllm", sampler_logps=True, requires="vllm")
 def _vllm(model, tokenizer, cfg):
     from rlhf.engine.vllm import VLLMEngine  # vllm itself is imported only when the engine is built
 

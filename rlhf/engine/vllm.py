@@ -8,6 +8,11 @@ HF-named weights (`rlhf.engine.weights`: full, or LoRA merged per layer) into
 checkpoint loading layer by layer (fusing q/k/v and gate/up, repacking for oneDNN on CPU), then
 resets the prefix cache so no KV block computed with the old weights is reused.
 
+Under `accelerate launch` with several processes every rank runs its own engine on its own
+prompts (data parallel, as TRL's colocate mode): vLLM's `external_launcher` executor joins the
+process group accelerate made (a tensor-parallel group of one per rank) instead of starting its
+own, and each rank samples with seed `train.seed + rank`.
+
 On CPU the KV cache size is `generation.vllm.kv_cache_gb`; on a GPU vLLM takes
 `generation.vllm.gpu_memory_utilization` of its memory and, with `generation.vllm.sleep`,
 releases it (weights and KV cache) between generation and the next weight sync so that training
@@ -77,6 +82,15 @@ def refresh_tied_lm_head(vmodel: torch.nn.Module) -> None:
         head.quant_method.process_weights_after_loading(head)
 
 
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of the process group accelerate initialised, or (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class VLLMEngine:
     """`GenerationEngine` on an in-process vLLM `LLM` built from `model.path`."""
 
@@ -98,17 +112,19 @@ class VLLMEngine:
             {"gpu_memory_utilization": v.gpu_memory_utilization, "enable_sleep_mode": self.sleep_mode}
             if self.on_gpu else {"kv_cache_memory_bytes": int(v.kv_cache_gb * GiB)}
         )
+        rank, self.world = distributed_rank()
         with _keep_torch_threads():
             self.llm = LLM(
                 model=str(resolve_model_path(cfg.model.path)),
                 skip_tokenizer_init=True,  # prompts go in and completions come out as token ids
                 dtype=self.dtype,
-                seed=cfg.train.seed,
+                seed=cfg.train.seed + rank,
                 max_model_len=max_model_len(model, cfg),
                 enforce_eager=v.enforce_eager,
                 enable_prefix_caching=True,
                 logprobs_mode="processed_logprobs",  # log-probs of the distribution actually sampled
-                distributed_executor_backend="uni",
+                # one process: vLLM's own one-rank group; several: join accelerate's (RANK, MASTER_ADDR... are set)
+                distributed_executor_backend="external_launcher" if self.world > 1 else "uni",
                 trust_remote_code=cfg.model.trust_remote_code,
                 **memory,
             )
@@ -172,10 +188,12 @@ class VLLMEngine:
             self.llm.wake_up(tags=["weights"])
 
     def close(self) -> None:
-        """Shut the engine down and release vLLM's process-wide state, so that another can start."""
+        """Shut the engine down and release vLLM's process-wide state, so that another can start
+        (its own one-process group; a group accelerate made stays up)."""
         from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
         destroy_model_parallel()
-        destroy_distributed_environment()
+        if self.world == 1:
+            destroy_distributed_environment()
