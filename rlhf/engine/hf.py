@@ -1,13 +1,13 @@
 """Generation with `transformers.generate` on the policy itself: works everywhere, nothing to sync."""
 from __future__ import annotations
 
-import copy
 import zlib
 
 import torch
 import transformers
 
 from rlhf.engine.base import Rollouts, SamplingParams
+from rlhf.models.loading import inference_copy
 from rlhf.models.precision import autocast
 
 
@@ -54,7 +54,7 @@ class HFEngine:
         self.eos = eos_ids(model, tokenizer)
         fp32_weights = any(p.dtype == torch.float32 for p in model.parameters())
         self.copy_weights = self.compute_dtype == "bf16" and fp32_weights and not hasattr(model, "peft_config")
-        self.model = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False) if self.copy_weights else model
+        self.model = inference_copy(model, torch.bfloat16) if self.copy_weights else model
         self.seed_per_prompt, self.seed, self.calls = cfg.generation.seed_per_prompt, cfg.train.seed, 0
 
     @torch.no_grad()

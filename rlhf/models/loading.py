@@ -70,6 +70,22 @@ def load_policy(mcfg) -> torch.nn.Module:
     return model
 
 
+@torch.no_grad()
+def inference_copy(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """An eval-mode copy of a transformers model in `dtype`, for sampling under `torch.no_grad()`.
+
+    Built from the config and the state dict: `copy.deepcopy(model).to(dtype)` would also cast the
+    rotary-frequency buffers, which stay fp32 here as in a freshly loaded model. The parameters keep
+    `requires_grad=True` on purpose: with frozen weights torch's matmul stops folding the batch of a
+    3-D input (the prefill's last-position slice into lm_head) and runs a bmm over the weight
+    expanded per sequence: 0.9 GB and 1.4 s more per SmolLM2 generate call of 16 sequences on CPU.
+    """
+    clone = type(model)._from_config(model.config, torch_dtype=dtype or next(model.parameters()).dtype)
+    clone.load_state_dict(model.state_dict())
+    clone.generation_config = copy.deepcopy(model.generation_config)
+    return clone.eval()
+
+
 def load_reference(mcfg, policy: torch.nn.Module, kl_coef: float) -> Optional[torch.nn.Module]:
     """The frozen reference: None when the KL coefficient is 0 or with LoRA (the adapter is disabled instead)."""
     if kl_coef == 0 or mcfg.lora.enabled:
@@ -77,4 +93,26 @@ def load_reference(mcfg, policy: torch.nn.Module, kl_coef: float) -> Optional[to
     ref = copy.deepcopy(policy)  # same dtype and autocast as the policy: KL is exactly 0 at the start
     ref.eval()
     ref.requires_grad_(False)
+    if mcfg.compute_dtype == "bf16":
+        cast_linear_weights_(ref, torch.bfloat16)
     return ref
+
+
+@torch.no_grad()
+def cast_linear_weights_(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Store every nn.Linear's weight and bias in `dtype`, except weights shared with another module.
+
+    For a frozen model run under autocast to `dtype` this changes no output bit (autocast casts
+    a linear's fp32 weight to `dtype` at every call with the same rounding) and halves the memory
+    of most weights (SmolLM2: 214 MB less); norms, embeddings and a tied lm_head stay fp32.
+    """
+    counts: dict[int, int] = {}
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            counts[id(p)] = counts.get(id(p), 0) + 1
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            for name in ("weight", "bias"):
+                p = getattr(mod, name)
+                if p is not None and counts[id(p)] == 1:
+                    p.data = p.data.to(dtype)

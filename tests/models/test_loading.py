@@ -53,3 +53,22 @@ def test_model_code_from_the_model_directory_never_runs_unless_trusted(tmp_path)
     with pytest.raises((ValueError, OSError)):
         load_tokenizer(str(model_dir))
     assert not marker.exists()
+
+
+def test_bf16_reference_keeps_linear_weights_in_bf16_with_identical_outputs(tiny_model_dir):
+    """Under bf16 autocast a linear casts its fp32 weight to bf16 anyway: the reference stores them so
+    (half the memory) and its log-probs equal the fp32 policy's bit for bit; embeddings and norms stay fp32."""
+    mcfg = ModelConfig(path=str(tiny_model_dir), compute_dtype="bf16", lora=LoraConfig(enabled=False))
+    policy = load_policy(mcfg)
+    ref = load_reference(mcfg, policy, kl_coef=0.04)
+    dtypes = {n: p.dtype for n, p in ref.named_parameters()}
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
+    assert dtypes["model.layers.0.mlp.down_proj.weight"] == torch.bfloat16
+    assert dtypes["model.embed_tokens.weight"] == torch.float32 and dtypes["model.norm.weight"] == torch.float32
+    ids = torch.randint(3, policy.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = policy(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert torch.equal(a, b)
+    fp32 = load_reference(ModelConfig(path=str(tiny_model_dir), compute_dtype="fp32", lora=LoraConfig(enabled=False)),
+                          policy, kl_coef=0.04)
+    assert all(p.dtype == torch.float32 for p in fp32.parameters())
