@@ -1,6 +1,7 @@
 """Generation with `transformers.generate` on the policy itself: works everywhere, nothing to sync."""
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import torch
@@ -37,6 +38,34 @@ def split_completions(out_NT: torch.Tensor, eos: set[int]) -> tuple[list[list[in
         completions.append(row if cut is None else row[: cut + 1])
         finished.append(cut is not None)
     return completions, finished
+
+
+_multinomial = torch.multinomial
+
+
+def inverse_cdf_sample(probs_BV: torch.Tensor, num_samples: int, replacement: bool = False, *, generator=None, out=None):
+    """`torch.multinomial` for one draw per row by inverse-CDF: the first index whose cumulative
+    probability exceeds u ~ U[0, total). Same distribution; on CPU 40x faster than multinomial's
+    exponential noise over the whole vocabulary (0.4 of 2.8 s per SmolLM2 generate call). Other
+    calls (several draws, no replacement) go to torch.multinomial."""
+    if num_samples != 1 or probs_BV.dim() != 2 or out is not None:
+        return _multinomial(probs_BV, num_samples, replacement, generator=generator, out=out)
+    cdf_BV = probs_BV.double().cumsum(-1)
+    u_B1 = torch.rand(probs_BV.shape[0], 1, generator=generator, dtype=torch.float64, device=probs_BV.device) * cdf_BV[:, -1:]
+    return torch.searchsorted(cdf_BV, u_B1, right=True).clamp_(max=probs_BV.shape[-1] - 1)
+
+
+@contextlib.contextmanager
+def fast_sampling(device: torch.device):
+    """On CPU, route `generate`'s token draws through `inverse_cdf_sample` for the duration of the call."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    torch.multinomial = inverse_cdf_sample
+    try:
+        yield
+    finally:
+        torch.multinomial = _multinomial
 
 
 class HFEngine:
@@ -95,7 +124,7 @@ class HFEngine:
         was_training = model.training
         model.eval()
         try:
-            with autocast(self.compute_dtype, device):
+            with autocast(self.compute_dtype, device), fast_sampling(device):
                 out = model.generate(input_ids=ids_BP, attention_mask=mask_BP, generation_config=gen_cfg)
         finally:
             model.train(was_training)

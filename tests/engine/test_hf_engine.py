@@ -2,7 +2,7 @@ import torch
 
 from rlhf.config import Config
 from rlhf.engine import SamplingParams
-from rlhf.engine.hf import HFEngine, split_completions
+from rlhf.engine.hf import HFEngine, fast_sampling, inverse_cdf_sample, split_completions
 from rlhf.models.loading import load_causal_lm
 from rlhf.models.logprobs import sample_logprobs
 
@@ -73,3 +73,24 @@ def test_seed_per_prompt_makes_a_group_independent_of_its_batch(tiny_model_dir, 
     alone = HFEngine(model, tokenizer, cfg).generate([[10, 11]], n=4, sampling=sampling)
     assert together.completion_ids[4:] == alone.completion_ids
     assert len(set(map(tuple, together.completion_ids[:4]))) > 1  # still sampling within the group
+
+
+def test_inverse_cdf_sampling_draws_from_the_given_distribution():
+    """The CPU sampler used inside generate: frequencies match the probabilities (zeros never drawn),
+    seeded draws repeat, and torch.multinomial is restored after the call."""
+    probs_BV = torch.tensor([[0.0, 0.5, 0.2, 0.0, 0.3], [0.9, 0.0, 0.0, 0.1, 0.0]])
+    torch.manual_seed(0)
+    draws = torch.cat([inverse_cdf_sample(probs_BV, 1) for _ in range(20000)], dim=1)  # [2, 20000]
+    for row in range(2):
+        freq = torch.bincount(draws[row], minlength=5).double() / draws.shape[1]
+        assert torch.allclose(freq, probs_BV[row].double(), atol=0.015), (row, freq)
+        assert freq[probs_BV[row] == 0].sum() == 0
+    torch.manual_seed(1)
+    a = inverse_cdf_sample(probs_BV, 1)
+    torch.manual_seed(1)
+    assert torch.equal(a, inverse_cdf_sample(probs_BV, 1))
+    original = torch.multinomial
+    with fast_sampling(torch.device("cpu")):
+        assert torch.multinomial is inverse_cdf_sample
+        assert torch.multinomial(probs_BV, 2).shape == (2, 2)  # several draws: torch's own sampler
+    assert torch.multinomial is original
