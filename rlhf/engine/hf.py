@@ -68,6 +68,26 @@ def fast_sampling(device: torch.device):
         torch.multinomial = _multinomial
 
 
+@contextlib.contextmanager
+def contiguous_head_input(model: torch.nn.Module):
+    """Make the output layer's input contiguous while `generate` runs.
+
+    generate feeds lm_head the last position's slice of the hidden states, [B, 1, H] with a
+    stride of T*H: with a frozen lm_head (an inference copy, a LoRA base) torch's matmul then runs a
+    bmm over the weight expanded per sequence (SmolLM2, 16 sequences: +0.9 GB and +1.4 s per call
+    on CPU) instead of one matmul. A contiguous copy of the slice costs B*H numbers.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class HFEngine:
     """Batched left-padded sampling with `model.generate`.
 
@@ -124,7 +144,7 @@ class HFEngine:
         was_training = model.training
         model.eval()
         try:
-            with autocast(self.compute_dtype, device), fast_sampling(device):
+            with autocast(self.compute_dtype, device), fast_sampling(device), contiguous_head_input(model):
                 out = model.generate(input_ids=ids_BP, attention_mask=mask_BP, generation_config=gen_cfg)
         finally:
             model.train(was_training)

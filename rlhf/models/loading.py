@@ -72,18 +72,15 @@ def load_policy(mcfg) -> torch.nn.Module:
 
 @torch.no_grad()
 def inference_copy(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
-    """An eval-mode copy of a transformers model in `dtype`, for sampling under `torch.no_grad()`.
+    """A frozen, eval-mode copy of a transformers model in `dtype` (for sampling).
 
     Built from the config and the state dict: `copy.deepcopy(model).to(dtype)` would also cast the
-    rotary-frequency buffers, which stay fp32 here as in a freshly loaded model. The parameters keep
-    `requires_grad=True` on purpose: with frozen weights torch's matmul stops folding the batch of a
-    3-D input (the prefill's last-position slice into lm_head) and runs a bmm over the weight
-    expanded per sequence: 0.9 GB and 1.4 s more per SmolLM2 generate call of 16 sequences on CPU.
+    rotary-frequency buffers, which stay fp32 here as in a freshly loaded model.
     """
     clone = type(model)._from_config(model.config, torch_dtype=dtype or next(model.parameters()).dtype)
     clone.load_state_dict(model.state_dict())
     clone.generation_config = copy.deepcopy(model.generation_config)
-    return clone.eval()
+    return clone.eval().requires_grad_(False)
 
 
 def load_reference(mcfg, policy: torch.nn.Module, kl_coef: float) -> Optional[torch.nn.Module]:

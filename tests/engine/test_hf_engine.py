@@ -94,3 +94,22 @@ def test_inverse_cdf_sampling_draws_from_the_given_distribution():
         assert torch.multinomial is inverse_cdf_sample
         assert torch.multinomial(probs_BV, 2).shape == (2, 2)  # several draws: torch's own sampler
     assert torch.multinomial is original
+
+
+def test_generate_feeds_the_output_layer_contiguous_input_and_removes_its_hook(tiny_model_dir, tokenizer):
+    """A frozen lm_head given generate's strided last-position slice makes torch expand the weight per
+    sequence (0.9 GB more per call for SmolLM2): the engine hands it a contiguous copy, only during generate."""
+    from peft import LoraConfig, get_peft_model
+
+    base = load_causal_lm(str(tiny_model_dir)).requires_grad_(False)
+    lora = get_peft_model(load_causal_lm(str(tiny_model_dir)), LoraConfig(r=2, target_modules=["q_proj"]))
+    cfg = Config()
+    cfg.model.compute_dtype = "fp32"
+    for model in (base, lora):
+        head = model.get_output_embeddings()
+        seen = []
+        handle = head.register_forward_hook(lambda _, args, out: seen.append(args[0].is_contiguous()))
+        HFEngine(model, tokenizer, cfg).generate([[7, 8, 9], [10, 11]], n=2, sampling=SamplingParams(max_new_tokens=4))
+        handle.remove()
+        assert seen and all(seen)
+        assert not head._forward_pre_hooks  # removed after the call
