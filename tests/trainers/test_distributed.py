@@ -17,16 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import LENGTH_REWARD
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch"
 HELPER = Path(__file__).with_name("layout_run.py")
-
-LENGTH_REWARD = '''
-def length(prompts, completions, completion_ids, **kwargs):
-    """Dense toy reward: completion length in tokens / 8 (varies within every group)."""
-    return [len(ids) / 8 for ids in completion_ids]
-'''
 
 # Each case: the overrides of one algorithm. A case must leave the group on one process (all do).
 CASES = {

@@ -120,8 +120,8 @@ def poison_gradients(trainer, when) -> None:
     p.register_hook(lambda g: torch.full_like(g, float("nan")) if when() else g)
 
 
-def test_non_finite_gradient_steps_are_skipped_and_counted(tiny_cfg, yes_reward):
-    trainer = Trainer(tiny_cfg(yes_reward, "train.steps=3", "algo.kl.coef=0"))
+def test_non_finite_gradient_steps_are_skipped_and_counted(tiny_cfg, length_reward):
+    trainer = Trainer(tiny_cfg(length_reward, "train.steps=3", "algo.kl.coef=0"))  # a dense reward: steps 1 and 3 move
     poison_gradients(trainer, lambda: trainer.state["step"] == 1)  # the second RL step
     history = []
     snapshots = [trainable(trainer)]
