@@ -112,10 +112,10 @@ class HFEngine:
         if not self.seed_per_prompt:
             return self._generate(prompt_ids, n, sampling, return_logps)
         parts, seen = [], {}
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         for ids in prompt_ids:  # the seed depends only on the prompt (and its repeats), not on its neighbours
-            seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
-            key = f"{self.seed}:{self.calls}:{seen[tuple(ids)]}:{','.join(map(str, ids))}".encode()
-            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            repeat = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
+            key = f"{self.seed}:{self.calls}:{repeat}:{','.join(map(str, ids))}".encode()
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(zlib.crc32(key))
                 parts.append(self._generate([ids], n, sampling, return_logps))

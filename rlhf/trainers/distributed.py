@@ -49,13 +49,13 @@ def layout(acc: Accelerator) -> str:
 
 def check_layout(cfg: Config, acc: Accelerator, mode: str) -> None:
     """Combinations that cannot work, refused before any model loads."""
-    if mode in ("zero2", "zero3", "fsdp2") and cfg.algo.update in ("npg", "trpo"):
+    if shards_optimizer(mode) and cfg.algo.update in ("npg", "trpo"):
         raise ConfigError(f"algo.update={cfg.algo.update} assigns flat parameter vectors by hand and runs under "
                           f"one process or DDP only, not {mode}; use algo.update=adamw or mdpo")
     if mode in SHARDED and cfg.model.lora.enabled:
         raise ConfigError(f"model.lora.enabled=true with {mode} is not supported: a LoRA run trains a small adapter, "
                           "shard nothing (launch/multi_gpu_ddp.yaml) or only the optimizer (launch/zero2.yaml)")
-    if mode in ("zero2", "zero3", "fsdp2") and critic_type(cfg) != "none":
+    if shards_optimizer(mode) and critic_type(cfg) != "none":
         raise ConfigError(f"a critic (algo.advantage={cfg.algo.advantage}, critic.type={cfg.critic.type}) runs under one "
                           f"process or DDP only, not {mode}: its own optimizer is not sharded yet")
 
