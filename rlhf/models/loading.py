@@ -77,7 +77,7 @@ def inference_copy(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) 
     Built from the config and the state dict: `copy.deepcopy(model).to(dtype)` would also cast the
     rotary-frequency buffers, which stay fp32 here as in a freshly loaded model.
     """
-    clone = type(model)._from_config(model.config, torch_dtype=dtype or next(model.parameters()).dtype)
+    clone = type(model)._from_config(model.config, dtype=dtype or next(model.parameters()).dtype)
     clone.load_state_dict(model.state_dict())
     clone.generation_config = copy.deepcopy(model.generation_config)
     return clone.eval().requires_grad_(False)

@@ -1,0 +1,219 @@
+"""A decode loop of our own for the HF engine's bf16 inference copy of a Llama-family model.
+
+`transformers.generate` on CPU spends most of a decoding step outside the matmuls (per-layer
+Python, mask building, a KV cache grown by `torch.cat`), and its bf16 matmuls at a batch of a few
+sequences run at half the speed of oneDNN's with weights packed ahead of time. `FusedDecoder`
+runs the same network with fused q/k/v and gate/up projections, weights packed once per weight
+sync, a preallocated KV cache and one prefill per distinct prompt, shared by its n samples.
+
+`sample` draws the completions: temperature, top-k and top-p as `transformers`' warpers define them,
+a draw per row by inverse CDF, and the sampled tokens' log-probs under the warped distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.engine.base import SamplingParams
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")  # pre-norm, rotary, GQA, gated MLP: the same layer shapes
+
+
+class PackedLinear:
+    """y = x W^T + b in bf16 with W reordered once for oneDNN (2x faster than F.linear for a few rows)."""
+
+    def __init__(self, weight_OI: torch.Tensor, bias_O: torch.Tensor | None, batch_hint: int = 16):
+        self.bias = bias_O
+        self.weight = weight_OI
+        self.packed = None
+        if weight_OI.device.type == "cpu" and torch.backends.mkldnn.is_available():
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight_OI, batch_hint)
+            except (RuntimeError, AttributeError):  # a torch build without the op: plain matmul
+                self.packed = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def _cat_rows(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([lin.weight for lin in linears])
+    biases = [lin.bias for lin in linears]
+    if all(b is None for b in biases):
+        return weight, None
+    return weight, torch.cat([b if b is not None else weight.new_zeros(lin.out_features) for b, lin in zip(biases, linears)])
+
+
+def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """LlamaRMSNorm: normalise in fp32, round to the input dtype, then scale."""
+    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@dataclass
+class KVCache:
+    keys: list[torch.Tensor]  # per layer [N, Hkv, L, D], filled up to `length`
+    values: list[torch.Tensor]
+    valid_NL: torch.Tensor  # bool: which cached positions are real tokens (False: left padding)
+    length: int = 0
+
+
+class FusedDecoder:
+    """The forward pass of a bf16 Llama-family causal LM for sampling, from packed weights."""
+
+    @staticmethod
+    def supports(model: torch.nn.Module) -> bool:
+        cfg = getattr(model, "config", None)
+        if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES or hasattr(model, "peft_config"):
+            return False
+        if getattr(cfg, "use_sliding_window", False) or not hasattr(getattr(model, "model", None), "rotary_emb"):
+            return False
+        p = next(model.parameters())
+        return p.dtype == torch.bfloat16 and p.device.type == "cpu"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        cfg = model.config
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.load()
+
+    @torch.no_grad()
+    def load(self) -> None:
+        """(Re)pack the linear layers from the model's current weights: call after every weight update."""
+        self.layers = []
+        for layer in self.model.model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            self.layers.append(dict(
+                qkv=PackedLinear(*_cat_rows(att.q_proj, att.k_proj, att.v_proj)),
+                o=PackedLinear(att.o_proj.weight, att.o_proj.bias),
+                gate_up=PackedLinear(*_cat_rows(mlp.gate_proj, mlp.up_proj)),
+                down=PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias),
+                ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm, act=mlp.act_fn, scaling=att.scaling,
+            ))
+        head = self.model.get_output_embeddings()
+        self.head = PackedLinear(head.weight, head.bias)
+
+    def new_cache(self, n: int, capacity: int) -> KVCache:
+        shape = (n, self.n_kv, capacity, self.head_dim)
+        dtype = torch.bfloat16
+        return KVCache(keys=[torch.empty(shape, dtype=dtype) for _ in self.layers],
+                       values=[torch.empty(shape, dtype=dtype) for _ in self.layers],
+                       valid_NL=torch.zeros(n, capacity, dtype=torch.bool))
+
+    @torch.no_grad()
+    def forward(self, ids_NS: torch.Tensor, valid_NS: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [N, V] (fp32) of the last position after appending ids_NS to the cache.
+
+        valid_NS marks real tokens (False: left padding, which no query attends to). Positions
+        count the real tokens before each one, as `generate` does for left-padded prompts.
+        """
+        N, S = ids_NS.shape
+        start, end = cache.length, cache.length + S
+        cache.valid_NL[:, start:end] = valid_NS
+        pos_NS = (cache.valid_NL[:, :end].long().cumsum(-1)[:, start:] - 1).clamp(min=0)
+        # query i (absolute position start+i) sees the real keys up to itself (a padding query sees
+        # none: sdpa gives its row zeros, and nothing reads it)
+        causal_SL = torch.ones(S, end, dtype=torch.bool).tril(diagonal=start)
+        mask_N1SL = (causal_SL & cache.valid_NL[:, None, :end]).unsqueeze(1)
+        x = self.model.get_input_embeddings()(ids_NS)
+        cos, sin = self.model.model.rotary_emb(x, pos_NS)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [N, 1, S, D]
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        for i, L in enumerate(self.layers):
+            q, k, v = L["qkv"](_rms_norm(x, L["ln1"])).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q = q.view(N, S, H, D).transpose(1, 2)
+            k = k.view(N, S, Hkv, D).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            cache.keys[i][:, :, start:end] = k * cos + _rotate_half(k) * sin
+            cache.values[i][:, :, start:end] = v.view(N, S, Hkv, D).transpose(1, 2)
+            att = F.scaled_dot_product_attention(q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end],
+                                                 attn_mask=mask_N1SL, scale=L["scaling"], enable_gqa=H != Hkv)
+            x = x + L["o"](att.transpose(1, 2).reshape(N, S, H * D))
+            gate, up = L["gate_up"](_rms_norm(x, L["ln2"])).chunk(2, dim=-1)
+            x = x + L["down"](L["act"](gate) * up)
+        cache.length = end
+        return self.head(_rms_norm(x[:, -1], self.model.model.norm)).float()
+
+
+def warp_logits(logits_NV: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus), as transformers' warpers apply them: removed tokens get -inf."""
+    logits_NV = logits_NV / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits_NV.shape[-1]:
+        kth_N1 = logits_NV.topk(sampling.top_k, dim=-1).values[:, -1:]
+        logits_NV = logits_NV.masked_fill(logits_NV < kth_N1, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_NV, order_NV = logits_NV.sort(dim=-1)  # ascending: drop the low tail whose mass is <= 1 - top_p
+        drop_NV = sorted_NV.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
+        drop_NV[:, -1] = False  # always keep the most likely token
+        logits_NV = logits_NV.masked_fill(drop_NV.scatter(-1, order_NV, drop_NV), float("-inf"))
+    return logits_NV
+
+
+_multinomial = torch.multinomial
+
+
+def inverse_cdf_sample(probs_BV: torch.Tensor, num_samples: int, replacement: bool = False, *, generator=None, out=None):
+    """`torch.multinomial` for one draw per row by inverse-CDF: the first index whose cumulative
+    probability exceeds u ~ U[0, total). Same distribution; on CPU 40x faster than multinomial's
+    exponential noise over the whole vocabulary (0.4 of 2.8 s per SmolLM2 generate call). Other
+    calls (several draws, no replacement) go to torch.multinomial."""
+    if num_samples != 1 or probs_BV.dim() != 2 or out is not None:
+        return _multinomial(probs_BV, num_samples, replacement, generator=generator, out=out)
+    cdf_BV = probs_BV.double().cumsum(-1)
+    u_B1 = torch.rand(probs_BV.shape[0], 1, generator=generator, dtype=torch.float64, device=probs_BV.device) * cdf_BV[:, -1:]
+    return torch.searchsorted(cdf_BV, u_B1, right=True).clamp_(max=probs_BV.shape[-1] - 1)
+
+
+@torch.no_grad()
+def sample(decoder: FusedDecoder, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, eos: set[int],
+           pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens_NT and their log-probs logp_NT under the warped distribution, N = len(prompt_ids) x n prompt-major.
+
+    Each distinct prompt is prefilled once; its cache rows are then repeated for its n samples.
+    After a row's EOS it gets pad tokens; decoding stops when every row has ended.
+    """
+    B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
+    ids_BP = torch.full((B, P), pad_id, dtype=torch.long)
+    valid_BP = torch.zeros(B, P, dtype=torch.bool)
+    for i, p in enumerate(prompt_ids):
+        ids_BP[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid_BP[i, P - len(p):] = True
+    rows = 1 if sampling.greedy else n  # greedy samples are all equal
+    prefill = decoder.new_cache(B, P)
+    logits_BV = decoder.forward(ids_BP, valid_BP, prefill)
+    cache = decoder.new_cache(B * rows, P + sampling.max_new_tokens)
+    for full, part in zip(cache.keys + cache.values, prefill.keys + prefill.values):
+        full[:, :, :P] = part.repeat_interleave(rows, 0)
+    cache.valid_NL[:, :P] = valid_BP.repeat_interleave(rows, 0)
+    cache.length = P
+    logits_NV = logits_BV.repeat_interleave(rows, 0)
+    eos_ids = torch.tensor(sorted(eos), dtype=torch.long)
+    done_N = torch.zeros(B * rows, dtype=torch.bool)
+    tokens, logps = [], []
+    for t in range(sampling.max_new_tokens):
+        if sampling.greedy:
+            logp_NV = logits_NV.log_softmax(-1)
+            tok_N = logp_NV.argmax(-1)
+        else:
+            logp_NV = warp_logits(logits_NV, sampling).log_softmax(-1)
+            tok_N = inverse_cdf_sample(logp_NV.exp(), 1).squeeze(-1)
+        tok_N = tok_N.masked_fill(done_N, pad_id)
+        tokens.append(tok_N)
+        logps.append(logp_NV.gather(-1, tok_N[:, None]).squeeze(-1).masked_fill(done_N, 0.0))
+        done_N |= torch.isin(tok_N, eos_ids)
+        if bool(done_N.all()) or t == sampling.max_new_tokens - 1:
+            break
+        logits_NV = decoder.forward(tok_N[:, None], torch.ones_like(tok_N[:, None], dtype=torch.bool), cache)
+    tokens_NT, logp_NT = torch.stack(tokens, 1), torch.stack(logps, 1)
+    if sampling.greedy and n > 1:
+        tokens_NT, logp_NT = tokens_NT.repeat_interleave(n, 0), logp_NT.repeat_interleave(n, 0)
+    return tokens_NT, logp_NT
