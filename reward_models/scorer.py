@@ -46,7 +46,8 @@ def model_dir(path: str | Path) -> Path:
         return p / "final"
     if (p / "config.json").is_file():
         return p
-    raise FileNotFoundError(f"reward model '{path}': not a saved model directory (no config.json there or in final/)")
+    raise FileNotFoundError(f"reward model '{path}': not a saved model directory (no config.json there or in final/); "
+                            "train one with `rlhf reward train RECIPE.yaml output_dir=...`")
 
 
 class RewardModelScorer:

@@ -45,6 +45,8 @@ def train_main(argv: list[str]) -> list[dict]:
         trainer = Trainer(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except FileNotFoundError as e:  # a reward function's file or reward model, a data file
+        sys.exit(f"error: {e}")
     return run(cfg, trainer)
 
 

@@ -34,15 +34,16 @@ def warn_once(message: str, key: Optional[str] = None) -> bool:
     return True
 
 
-def warn_about_step(record: dict[str, Any]) -> None:
+def warn_about_step(record: dict[str, Any], group_relative: bool = True) -> None:
     """Warn (once per run, not every step) about a step that cannot teach the policy much.
 
-    - every group's rewards were equal (`frac_zero_std` 1): every advantage is 0;
+    - every group's rewards were equal (`frac_zero_std` 1) and the advantage estimator is
+      group-relative (`group_relative`): every advantage is 0;
     - every completion hit `generation.max_new_tokens` (`completion/truncated_frac` 1);
     - no reward function scored any sample (`reward/mean` NaN).
     """
     step = record.get("step")
-    if record.get("frac_zero_std") == 1.0:
+    if group_relative and record.get("frac_zero_std") == 1.0:
         warn_once(f"step {step}: every group's rewards were identical, so every advantage is 0 and the policy "
                   "gets no signal (a reward that is too sparse? try more train.samples_per_prompt)", key="zero_std")
     if record.get("completion/truncated_frac") == 1.0:

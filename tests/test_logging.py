@@ -108,3 +108,15 @@ def test_a_run_warns_once_about_a_step_without_signal(tiny_cfg, tmp_path, monkey
     ours = [str(w.message) for w in caught if issubclass(w.category, RlhfWarning)]
     assert sum("every advantage is 0" in m for m in ours) == 1 and ours[0].startswith("step 1:")
     assert sum("cut at generation.max_new_tokens" in m for m in ours) <= 1
+
+
+def test_equal_group_rewards_warn_only_for_group_relative_advantages(monkeypatch):
+    """With a critic (gae, td) or plain REINFORCE equal rewards still give advantages: no warning there."""
+    monkeypatch.setattr(rlog, "_warned", set())
+    record = {"step": 1, "frac_zero_std": 1.0, "reward/mean": 1.0}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rlog.warn_about_step(record, group_relative=False)
+        assert not [w for w in caught if issubclass(w.category, RlhfWarning)]
+        rlog.warn_about_step(record, group_relative=True)
+        assert sum("every advantage is 0" in str(w.message) for w in caught) == 1

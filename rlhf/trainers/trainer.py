@@ -285,7 +285,7 @@ class Trainer:
             for rec in records:
                 self.metrics.write(rec)
             self.trackers.log(records)
-            warn_about_step(records[0])
+            warn_about_step(records[0], group_relative=bool(algos.ADVANTAGES.meta(cfg.algo.advantage).get("group_relative")))
             self.trackers.log_completions(self._write_completions(exp, info), self.state["step"], records[-1]["opt_step"])
         return records
 

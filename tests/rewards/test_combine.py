@@ -39,6 +39,15 @@ def test_weighted_combination_and_columns_reach_functions(tmp_path):
     assert res.per_fn["length_reward"] == [8.0, 2.0]
 
 
+def test_a_zero_weight_function_is_measured_but_not_rewarded(tmp_path):
+    """recipes/ppo_reward_model.yaml logs the rule with weight 0 beside the learned reward model."""
+    (tmp_path / "rf.py").write_text(FILE_FN)
+    m = RewardModule([RewardSpec(fn=f"{tmp_path}/rf.py:length_reward"), RewardSpec(fn="first_number_matches", weight=0.0)])
+    res = call(m, ["3 apples", "no"], answer=[3, 3])
+    assert res.scores_N.tolist() == [8.0, 2.0]
+    assert res.per_fn["first_number_matches"] == [1.0, 0.0]
+
+
 def test_none_means_not_applicable_and_all_none_is_nan():
     def half(completions, **kw):
         return [None, 1.0, None]
