@@ -38,12 +38,23 @@ class PackedLinear:
         return F.linear(x, self.weight, self.bias)
 
 
+def _attention_linears(layer: torch.nn.Module) -> tuple[torch.nn.Linear, ...]:
+    att = layer.self_attn
+    return att.q_proj, att.k_proj, att.v_proj, att.o_proj
+
+
+def _mlp_linears(layer: torch.nn.Module) -> tuple[torch.nn.Linear, ...]:
+    return layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj
+
+
 def _cat_rows(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = torch.cat([lin.weight for lin in linears])
-    biases = [lin.bias for lin in linears]
-    if all(b is None for b in biases):
+    """The linears' weights (and biases) stacked by output row, in bf16: one matmul for all of them."""
+    parts = [lin.weight.to(torch.bfloat16) for lin in linears]
+    weight = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if all(lin.bias is None for lin in linears):
         return weight, None
-    return weight, torch.cat([b if b is not None else weight.new_zeros(lin.out_features) for b, lin in zip(biases, linears)])
+    return weight, torch.cat([lin.bias.to(torch.bfloat16) if lin.bias is not None else weight.new_zeros(lin.out_features)
+                              for lin in linears])
 
 
 def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
@@ -82,23 +93,35 @@ class FusedDecoder:
         cfg = model.config
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.load()
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+        packed = [m for layer in model.model.layers for m in (*_attention_linears(layer), *_mlp_linears(layer))]
+        packed += [head] if head.weight is not embed.weight else []  # a tied head is also the embedding
+        ids = {id(t) for m in packed for t in (m.weight, m.bias) if t is not None}
+        self.packed_names = {name for name, t in model.named_parameters() if id(t) in ids}
+        self.load(model)
 
     @torch.no_grad()
-    def load(self) -> None:
-        """(Re)pack the linear layers from the model's current weights: call after every weight update."""
+    def load(self, source: torch.nn.Module) -> None:
+        """(Re)pack the linear layers from `source`'s current weights (`self.model` or any model with its
+        architecture, e.g. the fp32 policy it copies): call after every weight update."""
         self.layers = []
-        for layer in self.model.model.layers:
-            att, mlp = layer.self_attn, layer.mlp
+        for layer, own in zip(source.model.layers, self.model.model.layers):
+            q, k, v, o = _attention_linears(layer)
+            gate, up, down = _mlp_linears(layer)
             self.layers.append(dict(
-                qkv=PackedLinear(*_cat_rows(att.q_proj, att.k_proj, att.v_proj)),
-                o=PackedLinear(att.o_proj.weight, att.o_proj.bias),
-                gate_up=PackedLinear(*_cat_rows(mlp.gate_proj, mlp.up_proj)),
-                down=PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias),
-                ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm, act=mlp.act_fn, scaling=att.scaling,
+                qkv=PackedLinear(*_cat_rows(q, k, v)), o=PackedLinear(*_cat_rows(o)),
+                gate_up=PackedLinear(*_cat_rows(gate, up)), down=PackedLinear(*_cat_rows(down)),
+                ln1=own.input_layernorm, ln2=own.post_attention_layernorm, act=own.mlp.act_fn, scaling=own.self_attn.scaling,
             ))
-        head = self.model.get_output_embeddings()
-        self.head = PackedLinear(head.weight, head.bias)
+        self.head = PackedLinear(*_cat_rows(source.get_output_embeddings()))
+
+    @torch.no_grad()
+    def drop_model_weights(self) -> None:
+        """Free `self.model`'s copies of the packed weights (they live on packed; the model can then no
+        longer run its own forward)."""
+        for name, t in self.model.named_parameters():
+            if name in self.packed_names:
+                t.data = t.new_empty(0)
 
     def new_cache(self, n: int, capacity: int) -> KVCache:
         shape = (n, self.n_kv, capacity, self.head_dim)

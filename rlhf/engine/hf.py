@@ -92,6 +92,8 @@ class HFEngine:
         self.copy_weights = self.compute_dtype == "bf16" and fp32_weights and not hasattr(model, "peft_config")
         self.model = inference_copy(model, torch.bfloat16) if self.copy_weights else model
         self.decoder = FusedDecoder(self.model) if self.copy_weights and FusedDecoder.supports(self.model) else None
+        if self.decoder is not None:
+            self.decoder.drop_model_weights()  # its linear weights live on packed in the decoder
         self.seed_per_prompt, self.seed, self.calls = cfg.generation.seed_per_prompt, cfg.train.seed, 0
 
     @torch.no_grad()
@@ -161,10 +163,12 @@ class HFEngine:
             self.model = model  # generation runs on the policy itself
             return
         src = dict(model.named_parameters())
+        packed = self.decoder.packed_names if self.decoder is not None else set()
         for name, p in self.model.named_parameters():
-            p.copy_(src[name])
+            if name not in packed:
+                p.copy_(src[name])
         if self.decoder is not None:
-            self.decoder.load()
+            self.decoder.load(model)  # packed straight from the policy's weights
 
     def sleep(self) -> None:
         pass

@@ -72,7 +72,7 @@ def check_sync(engine: GenerationEngine, model: torch.nn.Module, tokenizer, prom
     try:
         reference = trainer_greedy(model, tokenizer, prompt_ids, max_new_tokens, compute_dtype)
         both = rollouts.completion_ids + reference
-        logp_NT, _ = sample_logprobs(model, prompt_ids + prompt_ids, both, tokenizer.pad_token_id, compute_dtype=compute_dtype,
+        logp_NT, _ = sample_logprobs(model, prompt_ids + prompt_ids, both, tokenizer.pad_token_id, compute_dtype=compute_dtype, entropy=False,
                                      device=next(model.parameters()).device, pack_prompts=False)
     finally:
         model.train(was_training)

@@ -20,6 +20,7 @@ from the saved logits and the per-row log-sum-exp, so no fp32 [tokens, vocab] te
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -96,16 +97,20 @@ class _IndexedLogProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits_KV: Tensor, row_M: Tensor, target_M: Tensor, temperature: float):
+    def forward(ctx, logits_KV: Tensor, row_M: Tensor, target_M: Tensor, temperature: float, entropy: bool):
         used = torch.unique(row_M)
         lse_K = torch.zeros(logits_KV.shape[0], dtype=torch.float32, device=logits_KV.device)
         ent_K = torch.zeros_like(lse_K)
         for i in range(0, len(used), CHUNK_ROWS):
             r = used[i: i + CHUNK_ROWS]
-            x = logits_KV[r].float() / temperature
-            lse = torch.logsumexp(x, -1)
+            x = _scaled_rows(logits_KV, r, temperature)
+            max_k1 = x.amax(-1, keepdim=True)
+            e = (x - max_k1).exp_()  # in place from here on: every pass over [rows, V] fp32 counts on a CPU
+            sum_k = e.sum(-1)
+            lse = max_k1.squeeze(-1) + sum_k.log()
             lse_K[r] = lse
-            ent_K[r] = lse - (torch.softmax(x, -1) * x).sum(-1)
+            if entropy:  # H = lse - sum(softmax(x) * x)
+                ent_K[r] = lse - e.mul_(x).sum(-1) / sum_k
         logp_M = logits_KV[row_M, target_M].float() / temperature - lse_K[row_M]
         ctx.save_for_backward(logits_KV, row_M, target_M, lse_K, used)
         ctx.temperature = temperature
@@ -122,10 +127,16 @@ class _IndexedLogProb(torch.autograd.Function):
         grad = torch.zeros_like(logits_KV)
         for i in range(0, len(used), CHUNK_ROWS):
             r = used[i: i + CHUNK_ROWS]
-            p = torch.exp(logits_KV[r].float() / t - lse_K[r].unsqueeze(-1))
-            grad[r] = (-p * coef_K[r].unsqueeze(-1) / t).to(grad.dtype)
+            p = _scaled_rows(logits_KV, r, t).sub_(lse_K[r].unsqueeze(-1)).exp_()
+            grad[r] = p.mul_(coef_K[r].unsqueeze(-1) / -t).to(grad.dtype)
         grad.index_put_((row_M, target_M), (g / t).to(grad.dtype), accumulate=True)
-        return grad, None, None, None
+        return grad, None, None, None, None
+
+
+def _scaled_rows(logits_KV: Tensor, rows: Tensor, temperature: float) -> Tensor:
+    """logits_KV[rows] / temperature as a new fp32 tensor."""
+    x = logits_KV.index_select(0, rows).float()
+    return x if temperature == 1.0 else x.div_(temperature)
 
 
 def _attention_mask(model: torch.nn.Module, visible_RLL: Tensor, dtype: torch.dtype) -> Tensor:
@@ -157,24 +168,25 @@ def scatter_tokens(pb: PackedBatch, values_M: Tensor) -> Tensor:
 
 
 def packed_logprobs(model: torch.nn.Module, pb: PackedBatch, temperature: float = 1.0, compute_dtype: str = "fp32",
-                    device=None) -> tuple[Tensor, Tensor]:
-    """(logp_NT, entropy_NT) for the packed samples, zero past each completion's end."""
+                    device=None, entropy: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """(logp_NT, entropy_NT) for the packed samples, zero past each completion's end (entropy_NT None unless `entropy`)."""
     device = device or pb.input_ids_RL.device
     with autocast(compute_dtype, device):
         logits = model(**model_inputs(model, pb, compute_dtype, device)).logits
     logits_KV = logits.reshape(-1, logits.shape[-1])
-    logp_M, ent_M = _IndexedLogProb.apply(logits_KV, pb.row_M.to(device), pb.target_M.to(device), temperature)
-    return scatter_tokens(pb, logp_M), scatter_tokens(pb, ent_M.detach())
+    logp_M, ent_M = _IndexedLogProb.apply(logits_KV, pb.row_M.to(device), pb.target_M.to(device), temperature, entropy)
+    return scatter_tokens(pb, logp_M), scatter_tokens(pb, ent_M.detach()) if entropy else None
 
 
 def sample_logprobs(model: torch.nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, *,
-                    temperature: float = 1.0, compute_dtype: str = "fp32", device=None, pack_prompts: bool = True) -> tuple[Tensor, Tensor]:
+                    temperature: float = 1.0, compute_dtype: str = "fp32", device=None, pack_prompts: bool = True,
+                    entropy: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """(logp_NT, entropy_NT) of the completions under `model` (call it through its DDP/FSDP wrapper when training).
 
-    T is the longest completion; entries past a completion's end are 0.
+    T is the longest completion; entries past a completion's end are 0. entropy_NT is None unless `entropy`.
     """
     pb = pack(prompt_ids, completion_ids, pad_id, share_prompts=pack_prompts)
-    return packed_logprobs(model, pb, temperature, compute_dtype, device)
+    return packed_logprobs(model, pb, temperature, compute_dtype, device, entropy)
 
 
 def sample_log_softmax(model: torch.nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, *,

@@ -37,6 +37,7 @@ from rlhf.redact import redact
 from rlhf.rewards import RewardModule
 from rlhf.trainers import checkpoint as ckpt
 from rlhf.trainers.critic import Critic
+from rlhf.trainers.host import set_malloc_mmap_threshold
 from rlhf.trainers import distributed as dist
 from rlhf.trainers.experience import Experience, completion_mask, pad_rows, score_at_last_token
 from rlhf.trainers.guards import NonFiniteGradients, Preemption
@@ -61,6 +62,7 @@ class Trainer:
         quiet_repeated_warnings()
         check_algorithm(cfg, has_critic=critic_type(cfg) != "none")
         set_seed(cfg.train.seed, device_specific=True)
+        set_malloc_mmap_threshold(cfg.train.malloc_mmap_threshold_mb)  # before the models allocate
         self.out = Path(cfg.output_dir)
         self.log = self.acc.print
         self.log(f"{cfg.derived_summary(self.acc.num_processes)} | layout {self.layout}")
@@ -156,11 +158,12 @@ class Trainer:
         mbs = self.cfg.train.micro_batch_size
         return [rows[i: i + mbs] for i in range(0, len(rows), mbs)]
 
-    def _forward(self, model: torch.nn.Module, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logp_NT, entropy_NT) of `exp`'s completions under `model`."""
+    def _forward(self, model: torch.nn.Module, exp: Experience, entropy: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(logp_NT, entropy_NT) of `exp`'s completions under `model` (entropy_NT None unless `entropy`)."""
         return sample_logprobs(
             model, exp.prompt_ids, exp.completion_ids, self.tokenizer.pad_token_id, temperature=self.cfg.generation.temperature,
             compute_dtype=self.cfg.model.compute_dtype, device=self.acc.device, pack_prompts=self.cfg.train.pack_prompts,
+            entropy=entropy,
         )
 
     @torch.no_grad()
@@ -173,7 +176,7 @@ class Trainer:
         model.eval()
         with ctx:
             for rows in self._chunks(list(range(len(exp)))):
-                lp, _ = self._forward(model, exp.select(rows))
+                lp, _ = self._forward(model, exp.select(rows), entropy=False)
                 logp_NT[rows, : lp.shape[1]] = lp.float().cpu()
         self.unwrapped.train()
         return logp_NT

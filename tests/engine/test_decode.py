@@ -7,7 +7,7 @@ from rlhf.config import Config
 from rlhf.engine import SamplingParams
 from rlhf.engine.decode import FusedDecoder, sample, warp_logits
 from rlhf.engine.hf import HFEngine, contiguous_head_input, left_pad
-from rlhf.models.loading import load_causal_lm
+from rlhf.models.loading import inference_copy, load_causal_lm
 
 
 def _bf16(model_dir):
@@ -102,8 +102,8 @@ def test_rows_stop_at_eos_and_decoding_ends_when_all_have(tiny_model_dir, tokeni
 
 
 def test_engine_decodes_with_the_synced_weights(tiny_model_dir, tokenizer):
-    """HFEngine with bf16 compute runs the fused loop on its bf16 copy; after update_weights its greedy
-    output is generate's on the updated weights (the packed weights were rebuilt)."""
+    """HFEngine with bf16 compute runs the fused loop; after update_weights its greedy output is
+    generate's on a bf16 copy of the updated policy (the packed weights were rebuilt from it)."""
     model = load_causal_lm(str(tiny_model_dir))
     cfg = Config()
     cfg.model.compute_dtype = "bf16"
@@ -116,7 +116,7 @@ def test_engine_decodes_with_the_synced_weights(tiny_model_dir, tokenizer):
             p.add_(torch.randn_like(p) * 0.3)
     engine.update_weights(model)
     after = engine.generate([[7, 8, 9]], n=1, sampling=greedy).completion_ids
-    ref_NT, _ = _hf_greedy(engine.model, [[7, 8, 9]], tokenizer.pad_token_id, tokenizer.eos_token_id, 8)
+    ref_NT, _ = _hf_greedy(inference_copy(model, torch.bfloat16), [[7, 8, 9]], tokenizer.pad_token_id, tokenizer.eos_token_id, 8)
     expected = ref_NT[0].tolist()
     expected = expected[: expected.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in expected else expected
     assert after[0] == expected and after != before

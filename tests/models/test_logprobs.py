@@ -9,16 +9,19 @@ PROMPTS = [[8, 9, 10]] * 3 + [[13, 14]] * 2
 COMPLETIONS = [[11, 12], [15, 16, 17, 18], [19], [20, 21, 22], [23, 24]]
 
 
-def test_indexed_logprobs_match_log_softmax_values_and_gradient(monkeypatch):
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_indexed_logprobs_match_log_softmax_values_and_gradient(monkeypatch, temperature):
     monkeypatch.setattr(lp, "CHUNK_ROWS", 2)  # exercise chunk boundaries
     torch.manual_seed(0)
-    logits = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(5, 11, dtype=torch.float64, requires_grad=True) * 4
     rows = torch.tensor([0, 0, 0, 1, 3, 4, 4])  # row 0 serves three targets, row 2 none
     tgt = torch.randint(0, 11, (7,))
-    logp, ent = _IndexedLogProb.apply(logits, rows, tgt, 0.7)
-    ref = torch.log_softmax(logits / 0.7, -1)
+    logp, ent = _IndexedLogProb.apply(logits, rows, tgt, temperature, True)
+    ref = torch.log_softmax(logits / temperature, -1)
     assert torch.allclose(logp.double(), ref[rows, tgt], atol=1e-6)
     assert torch.allclose(ent.double(), -(ref.exp() * ref).sum(-1)[rows], atol=1e-5)
+    logp_only, no_ent = _IndexedLogProb.apply(logits, rows, tgt, temperature, False)
+    assert torch.equal(logp_only, logp) and not no_ent.any()
     w = torch.randn(7)
     g1, = torch.autograd.grad((logp * w).sum(), logits)
     g2, = torch.autograd.grad((ref[rows, tgt] * w).sum(), logits)
