@@ -8,9 +8,11 @@ sync, a preallocated KV cache and one prefill per distinct prompt, shared by its
 
 `sample` draws the completions: temperature, top-k and top-p as `transformers`' warpers define them,
 a draw per row by inverse CDF, and the sampled tokens' log-probs under the warped distribution.
+`fast_sampling` puts the same inverse-CDF draw under `generate` where that still runs.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -194,6 +196,32 @@ def inverse_cdf_sample(probs_BV: torch.Tensor, num_samples: int, replacement: bo
     return torch.searchsorted(cdf_BV, u_B1, right=True).clamp_(max=probs_BV.shape[-1] - 1)
 
 
+@contextlib.contextmanager
+def fast_sampling(device: torch.device):
+    """On CPU, route `generate`'s token draws through `inverse_cdf_sample` for the duration of the call."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    torch.multinomial = inverse_cdf_sample
+    try:
+        yield
+    finally:
+        torch.multinomial = _multinomial
+
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids_BP, mask_BP with every sequence right-aligned (left padding)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.no_grad()
 def sample(decoder: FusedDecoder, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, eos: set[int],
            pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,12 +230,8 @@ def sample(decoder: FusedDecoder, prompt_ids: list[list[int]], n: int, sampling:
     Each distinct prompt is prefilled once; its cache rows are then repeated for its n samples.
     After a row's EOS it gets pad tokens; decoding stops when every row has ended.
     """
-    B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
-    ids_BP = torch.full((B, P), pad_id, dtype=torch.long)
-    valid_BP = torch.zeros(B, P, dtype=torch.bool)
-    for i, p in enumerate(prompt_ids):
-        ids_BP[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        valid_BP[i, P - len(p):] = True
+    ids_BP, mask_BP = left_pad(prompt_ids, pad_id, "cpu")
+    (B, P), valid_BP = ids_BP.shape, mask_BP.bool()
     rows = 1 if sampling.greedy else n  # greedy samples are all equal
     prefill = decoder.new_cache(B, P)
     logits_BV = decoder.forward(ids_BP, valid_BP, prefill)

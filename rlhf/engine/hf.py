@@ -1,4 +1,5 @@
-"""Generation with `transformers.generate` on the policy itself: works everywhere, nothing to sync."""
+"""Generation in the training process: our own decode loop (rlhf.engine.decode) on a bf16 copy where it applies,
+`transformers.generate` otherwise (works everywhere)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,21 +9,9 @@ import torch
 import transformers
 
 from rlhf.engine.base import Rollouts, SamplingParams
-from rlhf.engine.decode import FusedDecoder, _multinomial, inverse_cdf_sample, sample
+from rlhf.engine.decode import FusedDecoder, fast_sampling, left_pad, sample
 from rlhf.models.loading import inference_copy
 from rlhf.models.precision import autocast
-
-
-def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids_BP, mask_BP with every sequence right-aligned (left padding)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -39,19 +28,6 @@ def split_completions(out_NT: torch.Tensor, eos: set[int]) -> tuple[list[list[in
         completions.append(row if cut is None else row[: cut + 1])
         finished.append(cut is not None)
     return completions, finished
-
-
-@contextlib.contextmanager
-def fast_sampling(device: torch.device):
-    """On CPU, route `generate`'s token draws through `inverse_cdf_sample` for the duration of the call."""
-    if torch.device(device).type != "cpu":
-        yield
-        return
-    torch.multinomial = inverse_cdf_sample
-    try:
-        yield
-    finally:
-        torch.multinomial = _multinomial
 
 
 @contextlib.contextmanager

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.engine.base import GenerationEngine, SamplingParams
-from rlhf.engine.hf import eos_ids, left_pad, split_completions
+from rlhf.engine.decode import left_pad
+from rlhf.engine.hf import eos_ids, split_completions
 from rlhf.models.logprobs import sample_logprobs
 from rlhf.models.precision import autocast
 

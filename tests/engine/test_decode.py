@@ -5,8 +5,8 @@ import transformers
 
 from rlhf.config import Config
 from rlhf.engine import SamplingParams
-from rlhf.engine.decode import FusedDecoder, sample, warp_logits
-from rlhf.engine.hf import HFEngine, contiguous_head_input, left_pad
+from rlhf.engine.decode import FusedDecoder, left_pad, sample, warp_logits
+from rlhf.engine.hf import HFEngine, contiguous_head_input
 from rlhf.models.loading import inference_copy, load_causal_lm
 
 

@@ -2,7 +2,8 @@ import torch
 
 from rlhf.config import Config
 from rlhf.engine import SamplingParams
-from rlhf.engine.hf import HFEngine, fast_sampling, inverse_cdf_sample, split_completions
+from rlhf.engine.decode import fast_sampling, inverse_cdf_sample
+from rlhf.engine.hf import HFEngine, split_completions
 from rlhf.models.loading import load_causal_lm
 from rlhf.models.logprobs import sample_logprobs
 
