@@ -28,11 +28,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_gflops(dtype_name: str, n: int = 2048, reps: int = 5) -> float:
+def peak_memory() -> dict:
+    """Peak host RSS, and on a GPU the peak of torch's allocations there (MB)."""
+    import torch
+
+    out = {"peak_rss_mb": peak_rss_mb()}
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def matmul_gflops(dtype_name: str, reps: int = 5) -> float:
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 8192 if dev == "cuda" else 2048  # a GPU needs a larger product to reach its rate
     a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
     a @ b
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
@@ -73,7 +84,7 @@ def run_rlhf(steps: int, warmup: int, out_dir: str, extra: list[str]) -> dict:
               for k in records[0] if k.startswith("time/") and k != "time/step_s"}
     tokens = statistics.mean(r["tokens/total"] for r in records) if "tokens/total" in records[0] else None
     return {"step_s": step_s, "samples_per_s": s["prompts_per_step"] * s["samples_per_prompt"] / step_s, "phases_s": phases,
-            "peak_rss_mb": peak_rss_mb(), "params": params, "tokens_per_step": tokens,
+            **peak_memory(), "params": params, "tokens_per_step": tokens,
             "reward_mean": statistics.mean(r["reward/mean"] for r in records), "threads": torch.get_num_threads()}
 
 
@@ -113,7 +124,7 @@ def run_trl(steps: int, warmup: int, out_dir: str, gradient_checkpointing: bool 
     trainer.train()
     step_s = statistics.mean(times[warmup:])
     return {"step_s": step_s, "samples_per_s": s["prompts_per_step"] * s["samples_per_prompt"] / step_s,
-            "peak_rss_mb": peak_rss_mb(), "trl_version": trl.__version__, "bf16": bool(args.bf16),
+            **peak_memory(), "trl_version": trl.__version__, "bf16": bool(args.bf16),
             "gradient_checkpointing": bool(args.gradient_checkpointing), "threads": torch.get_num_threads()}
 
 
@@ -162,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         for key in ("trl_defaults", "trl_no_gradient_checkpointing"):
             result[f"speedup_vs_{key}"] = round(result["rlhf"]["samples_per_s"] / result[key]["samples_per_s"], 2)
         result["rlhf_rss_le_trl"] = result["rlhf"]["peak_rss_mb"] <= result["trl_defaults"]["peak_rss_mb"]
+        if "peak_gpu_mb" in result["rlhf"]:
+            result["rlhf_gpu_mem_le_trl"] = result["rlhf"]["peak_gpu_mb"] <= result["trl_defaults"]["peak_gpu_mb"]
     r = result["rlhf"]
     if r.get("tokens_per_step"):
         flops = 8 * r["params"] * r["tokens_per_step"]

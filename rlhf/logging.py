@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -116,6 +117,13 @@ def quiet_library_progress() -> None:
 from rlhf.redact import redact
 
 
+def _sync_gpu() -> None:
+    """Wait for queued GPU work, so that a phase's time is its own (kernels run asynchronously)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class PhaseTimer:
     """`with timer("generate"): ...` accumulates seconds per phase."""
 
@@ -124,10 +132,12 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
+        _sync_gpu()
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            _sync_gpu()
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
 
 

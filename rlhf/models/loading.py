@@ -75,9 +75,12 @@ def inference_copy(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) 
     """A frozen, eval-mode copy of a transformers model in `dtype` (for sampling).
 
     Built from the config and the state dict: `copy.deepcopy(model).to(dtype)` would also cast the
-    rotary-frequency buffers, which stay fp32 here as in a freshly loaded model.
+    rotary-frequency buffers, which stay fp32 here as in a freshly loaded model. The copy is built
+    on the model's device (a GPU policy samples on the GPU).
     """
-    clone = type(model)._from_config(model.config, dtype=dtype or next(model.parameters()).dtype)
+    first = next(model.parameters())
+    with torch.device(first.device):
+        clone = type(model)._from_config(model.config, dtype=dtype or first.dtype)
     clone.load_state_dict(model.state_dict())
     clone.generation_config = copy.deepcopy(model.generation_config)
     return clone.eval().requires_grad_(False)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rlhf.config import ModelConfig, LoraConfig
-from rlhf.models.loading import load_policy, load_reference, resolve_model_path
+from rlhf.models.loading import inference_copy, load_causal_lm, load_policy, load_reference, resolve_model_path
 
 
 def test_missing_model_dir_is_named(tmp_path):
@@ -72,3 +72,12 @@ def test_bf16_reference_keeps_linear_weights_in_bf16_with_identical_outputs(tiny
     fp32 = load_reference(ModelConfig(path=str(tiny_model_dir), compute_dtype="fp32", lora=LoraConfig(enabled=False)),
                           policy, kl_coef=0.04)
     assert all(p.dtype == torch.float32 for p in fp32.parameters())
+
+
+def test_inference_copy_lives_on_the_models_device(tiny_model_dir):
+    """A GPU policy's sampling copy must be on the GPU; the meta device stands in for one here
+    (a copy built on the CPU fails to load the meta model's state dict)."""
+    model = load_causal_lm(str(tiny_model_dir)).to("meta")
+    clone = inference_copy(model, torch.bfloat16)
+    assert {p.device.type for p in clone.parameters()} == {"meta"}
+    assert {p.dtype for p in clone.parameters()} == {torch.bfloat16}

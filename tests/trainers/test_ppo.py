@@ -182,7 +182,8 @@ def test_ppo_keeps_policy_and_critic_in_sync_on_two_processes(tiny_model_dir, de
 
     out = tmp_path / "ddp.json"
     env = {**os.environ, "RLHF_TEST_OUT": str(out), "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "CUDA_VISIBLE_DEVICES": ""}  # two CPU processes over gloo, also on a machine with one GPU
     overrides = [f"model.path={tiny_model_dir}", "model.compute_dtype=fp32", "model.lora.enabled=false",
                  f"output_dir={tmp_path / 'run'}", "train.steps=2", "train.prompts_per_step=2", "train.samples_per_prompt=4",
                  "train.micro_batch_size=2", "train.lr=1e-3", "log.progress=false", "checkpoint.save_final=false", dense,
