@@ -98,21 +98,20 @@ class _IndexedLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits_KV: Tensor, row_M: Tensor, target_M: Tensor, temperature: float, entropy: bool):
-        used = torch.unique(row_M)
-        lse_K = torch.zeros(logits_KV.shape[0], dtype=torch.float32, device=logits_KV.device)
+        # every row in contiguous chunks (a row no target reads costs less than gathering the used ones)
+        lse_K = torch.empty(logits_KV.shape[0], dtype=torch.float32, device=logits_KV.device)
         ent_K = torch.zeros_like(lse_K)
-        for i in range(0, len(used), CHUNK_ROWS):
-            r = used[i: i + CHUNK_ROWS]
-            x = _scaled_rows(logits_KV, r, temperature)
+        for i in range(0, logits_KV.shape[0], CHUNK_ROWS):
+            x = _scaled(logits_KV[i: i + CHUNK_ROWS], temperature)
             max_k1 = x.amax(-1, keepdim=True)
             e = (x - max_k1).exp_()  # in place from here on: every pass over [rows, V] fp32 counts on a CPU
             sum_k = e.sum(-1)
             lse = max_k1.squeeze(-1) + sum_k.log()
-            lse_K[r] = lse
+            lse_K[i: i + CHUNK_ROWS] = lse
             if entropy:  # H = lse - sum(softmax(x) * x)
-                ent_K[r] = lse - e.mul_(x).sum(-1) / sum_k
+                ent_K[i: i + CHUNK_ROWS] = lse - e.mul_(x).sum(-1) / sum_k
         logp_M = logits_KV[row_M, target_M].float() / temperature - lse_K[row_M]
-        ctx.save_for_backward(logits_KV, row_M, target_M, lse_K, used)
+        ctx.save_for_backward(logits_KV, row_M, target_M, lse_K)
         ctx.temperature = temperature
         ent_M = ent_K[row_M]
         ctx.mark_non_differentiable(ent_M)
@@ -120,22 +119,22 @@ class _IndexedLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_M: Tensor, _grad_ent):
-        logits_KV, row_M, target_M, lse_K, used = ctx.saved_tensors
+        logits_KV, row_M, target_M, lse_K = ctx.saved_tensors
         t = ctx.temperature
         g = grad_M.float()
         coef_K = torch.zeros_like(lse_K).index_add_(0, row_M, g)  # d/dx of -lse, summed over targets
-        grad = torch.zeros_like(logits_KV)
-        for i in range(0, len(used), CHUNK_ROWS):
-            r = used[i: i + CHUNK_ROWS]
-            p = _scaled_rows(logits_KV, r, t).sub_(lse_K[r].unsqueeze(-1)).exp_()
-            grad[r] = p.mul_(coef_K[r].unsqueeze(-1) / -t).to(grad.dtype)
+        grad = torch.empty_like(logits_KV)  # every row is written below
+        for i in range(0, logits_KV.shape[0], CHUNK_ROWS):
+            rows = slice(i, i + CHUNK_ROWS)
+            p = _scaled(logits_KV[rows], t).sub_(lse_K[rows].unsqueeze(-1)).exp_()
+            grad[rows] = p.mul_(coef_K[rows].unsqueeze(-1) / -t).to(grad.dtype)
         grad.index_put_((row_M, target_M), (g / t).to(grad.dtype), accumulate=True)
         return grad, None, None, None, None
 
 
-def _scaled_rows(logits_KV: Tensor, rows: Tensor, temperature: float) -> Tensor:
-    """logits_KV[rows] / temperature as a new fp32 tensor."""
-    x = logits_KV.index_select(0, rows).float()
+def _scaled(logits_KV: Tensor, temperature: float) -> Tensor:
+    """logits_KV / temperature as a new fp32 tensor."""
+    x = logits_KV.float() if logits_KV.dtype != torch.float32 else logits_KV.clone()
     return x if temperature == 1.0 else x.div_(temperature)
 
 
