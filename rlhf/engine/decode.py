@@ -50,23 +50,23 @@ def _mlp_linears(layer: torch.nn.Module) -> tuple[torch.nn.Linear, ...]:
 
 
 def _cat_rows(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The linears' weights (and biases) stacked by output row, in bf16: one matmul for all of them."""
-    parts = [lin.weight.to(torch.bfloat16) for lin in linears]
-    weight = torch.cat(parts) if len(parts) > 1 else parts[0]
-    if all(lin.bias is None for lin in linears):
-        return weight, None
-    return weight, torch.cat([lin.bias.to(torch.bfloat16) if lin.bias is not None else weight.new_zeros(lin.out_features)
-                              for lin in linears])
+    """The linears' weights (and biases) stacked by output row, in bf16: one matmul for all of them.
+    Each weight is cast straight into its rows (one write, not a cast and then a concatenation)."""
+    first = linears[0].weight
+    weight = first.new_empty(sum(lin.out_features for lin in linears), first.shape[1], dtype=torch.bfloat16)
+    bias = None if all(lin.bias is None for lin in linears) else weight.new_zeros(weight.shape[0])
+    row = 0
+    for lin in linears:
+        weight[row: row + lin.out_features].copy_(lin.weight)
+        if lin.bias is not None:
+            bias[row: row + lin.out_features].copy_(lin.bias)
+        row += lin.out_features
+    return weight, bias
 
 
 def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
     """LlamaRMSNorm: normalise in fp32, round to the input dtype, then scale."""
     return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 @dataclass
@@ -148,16 +148,20 @@ class FusedDecoder:
         causal_SL = torch.ones(S, end, dtype=torch.bool).tril(diagonal=start)
         mask_N1SL = (causal_SL & cache.valid_NL[:, None, :end]).unsqueeze(1)
         x = self.model.get_input_embeddings()(ids_NS)
-        cos, sin = self.model.model.rotary_emb(x, pos_NS)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [N, 1, S, D]
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        cos, sin = self.model.model.rotary_emb(x, pos_NS)
+        # rotary as transformers applies it, x * cos + rotate_half(x) * sin, with rotate_half(x) * sin =
+        # roll(x, D/2) * [-sin_1, sin_2] (the same products up to sign): one roll instead of chunk, neg, cat,
+        # and q and k rotated together
+        cos_NS1D = cos.unsqueeze(2)
+        sin_NS1D = torch.cat((-sin[..., : D // 2], sin[..., D // 2:]), dim=-1).unsqueeze(2)
         for i, L in enumerate(self.layers):
-            q, k, v = L["qkv"](_rms_norm(x, L["ln1"])).split([H * D, Hkv * D, Hkv * D], dim=-1)
-            q = q.view(N, S, H, D).transpose(1, 2)
-            k = k.view(N, S, Hkv, D).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            cache.keys[i][:, :, start:end] = k * cos + _rotate_half(k) * sin
-            cache.values[i][:, :, start:end] = v.view(N, S, Hkv, D).transpose(1, 2)
+            qkv = L["qkv"](_rms_norm(x, L["ln1"]))
+            qk = qkv[..., : (H + Hkv) * D].view(N, S, H + Hkv, D)
+            qk = qk * cos_NS1D + qk.roll(D // 2, dims=-1) * sin_NS1D
+            q = qk[:, :, :H].transpose(1, 2)
+            cache.keys[i][:, :, start:end] = qk[:, :, H:].transpose(1, 2)
+            cache.values[i][:, :, start:end] = qkv[..., (H + Hkv) * D:].view(N, S, Hkv, D).transpose(1, 2)
             att = F.scaled_dot_product_attention(q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end],
                                                  attn_mask=mask_N1SL, scale=L["scaling"], enable_gqa=H != Hkv)
             x = x + L["o"](att.transpose(1, 2).reshape(N, S, H * D))
@@ -169,7 +173,7 @@ class FusedDecoder:
 
 def warp_logits(logits_NV: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus), as transformers' warpers apply them: removed tokens get -inf."""
-    logits_NV = logits_NV / sampling.temperature
+    logits_NV = logits_NV / sampling.temperature if sampling.temperature != 1.0 else logits_NV
     if sampling.top_k and sampling.top_k < logits_NV.shape[-1]:
         kth_N1 = logits_NV.topk(sampling.top_k, dim=-1).values[:, -1:]
         logits_NV = logits_NV.masked_fill(logits_NV < kth_N1, float("-inf"))
