@@ -1,10 +1,14 @@
 """`rlhf bench`: GRPO steps of rlhf and of TRL's GRPOTrainer at equal settings, timed in one run on one machine.
 
-Each framework runs in its own subprocess (so peak RSS is its own); the parent measures the
-machine's matmul FLOP/s and prints ONE JSON line: samples/s of each, their ratios, rlhf's
-phase breakdown, peak RSS, and how close rlhf's step is to the compute limit
-(about 8 x parameters x tokens / matmul FLOP/s: forward + backward of the policy, forward of
-the reference). TRL is needed only in the benchmark environment (`make bench` makes one).
+Each framework runs in its own process (so peak RSS is its own). rlhf is timed against each TRL
+setting in a pair of processes that take turns: the parent lets one run ONE step while the other
+waits idle, round after round, so a drift of the machine's speed during the run (other tenants of a
+VM) reaches both alike instead of whichever ran last. (Three processes taking turns slowed every
+step by 15-35% here, unevenly, so each ratio comes from its own pair.) The parent measures the machine's matmul FLOP/s (before and after) and prints ONE
+JSON line: samples/s of each, their ratios, rlhf's phase breakdown, peak RSS (and GPU memory), and how
+close rlhf's step is to the compute limit (about 8 x parameters x tokens / matmul FLOP/s: forward +
+backward of the policy, forward of the reference). TRL is needed only in the benchmark environment
+(`make bench` makes one).
 
 Equal settings: SmolLM2-135M-Instruct, the arithmetic prompts, 2 prompts x 8 samples, at most
 32 new tokens, one update per batch, KL coefficient 0.04, full fine-tuning, lr 2e-5.
@@ -19,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 SETTINGS = dict(model=os.environ.get("RLHF_BENCH_MODEL", "smollm2-135m-instruct"), prompts_per_step=2, samples_per_prompt=8, max_new_tokens=32,
                 kl_coef=0.04, lr=2e-5, updates_per_batch=1, full_finetune=True)
@@ -58,32 +63,49 @@ def matmul_gflops(dtype_name: str, reps: int = 5) -> float:
 # ----------------------------------------------------------------------------- workers (subprocesses)
 
 
-def run_rlhf(steps: int, warmup: int, out_dir: str, extra: list[str]) -> dict:
-    import torch
+def _say(tag: str, payload: str = "") -> None:
+    print(f"BENCH_{tag} {payload}", flush=True)
 
+
+def _command() -> str:
+    """The parent's next word: STEP (run one step) or END."""
+    return sys.stdin.readline().strip() or "END"
+
+
+def rlhf_config(steps: int, warmup: int, out_dir: str, extra: list[str]):
     from rlhf.config import load_config
-    from rlhf.trainers import Trainer
 
     s = SETTINGS
-    cfg = load_config(None, [
+    return load_config(None, [
         f"model.path={s['model']}", "model.lora.enabled=false", f"train.prompts_per_step={s['prompts_per_step']}",
         f"train.samples_per_prompt={s['samples_per_prompt']}", f"generation.max_new_tokens={s['max_new_tokens']}",
         f"algo.kl.coef={s['kl_coef']}", f"train.lr={s['lr']}", f"train.updates_per_batch={s['updates_per_batch']}",
         f"train.steps={steps + warmup}", f"output_dir={out_dir}", "log.progress=false", "checkpoint.save_final=false",
         "train.micro_batch_size=16", "log.trackers=[]", *extra,
     ])
+
+
+def run_rlhf(steps: int, warmup: int, out_dir: str, extra: list[str]) -> dict:
+    import torch
+
+    from rlhf.trainers import Trainer
+
+    s = SETTINGS
+    cfg = rlhf_config(steps, warmup, out_dir, extra)
     trainer = Trainer(cfg)
     params = sum(p.numel() for p in trainer.unwrapped.parameters())
+    _say("READY")
     records = []
-    for i in range(steps + warmup):
-        rec = trainer.step()[0]
-        if i >= warmup:
-            records.append(rec)
+    while _command() == "STEP":
+        records.append(trainer.step()[0])
+        _say("DONE")
+    records = records[warmup:]
     step_s = statistics.mean(r["time/step_s"] for r in records)
     phases = {k.removeprefix("time/").removesuffix("_s"): statistics.mean(r[k] for r in records)
               for k in records[0] if k.startswith("time/") and k != "time/step_s"}
     tokens = statistics.mean(r["tokens/total"] for r in records) if "tokens/total" in records[0] else None
-    return {"step_s": step_s, "samples_per_s": s["prompts_per_step"] * s["samples_per_prompt"] / step_s, "phases_s": phases,
+    return {"step_s": step_s, "samples_per_s": s["prompts_per_step"] * s["samples_per_prompt"] / step_s,
+            "step_times_s": [r["time/step_s"] for r in records], "phases_s": phases,
             **peak_memory(), "params": params, "tokens_per_step": tokens,
             "reward_mean": statistics.mean(r["reward/mean"] for r in records), "threads": torch.get_num_threads()}
 
@@ -101,12 +123,18 @@ def run_trl(steps: int, warmup: int, out_dir: str, gradient_checkpointing: bool 
     s = SETTINGS
     times: list[float] = []
 
-    class StepTimer(TrainerCallback):
+    class Stepper(TrainerCallback):  # each step waits for the parent's turn
+        def on_train_begin(self, args, state, control, **kw):
+            _say("READY")
+
         def on_step_begin(self, args, state, control, **kw):
+            if _command() != "STEP":
+                raise RuntimeError("the benchmark parent ended the run early")
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t0)
+            _say("DONE")
 
     kw = {} if gradient_checkpointing is None else {"gradient_checkpointing": gradient_checkpointing}
     args = GRPOConfig(
@@ -120,11 +148,12 @@ def run_trl(steps: int, warmup: int, out_dir: str, gradient_checkpointing: bool 
         return first_number_matches(completions, answer)
 
     trainer = GRPOTrainer(model=str(resolve_model_path(s["model"])), reward_funcs=[reward], args=args,
-                          train_dataset=TASKS.get("arithmetic")("train"), callbacks=[StepTimer()])
+                          train_dataset=TASKS.get("arithmetic")("train"), callbacks=[Stepper()])
     trainer.train()
+    _command()  # END
     step_s = statistics.mean(times[warmup:])
     return {"step_s": step_s, "samples_per_s": s["prompts_per_step"] * s["samples_per_prompt"] / step_s,
-            **peak_memory(), "trl_version": trl.__version__, "bf16": bool(args.bf16),
+            "step_times_s": times[warmup:], **peak_memory(), "trl_version": trl.__version__, "bf16": bool(args.bf16),
             "gradient_checkpointing": bool(args.gradient_checkpointing), "threads": torch.get_num_threads()}
 
 
@@ -138,16 +167,56 @@ def _worker(argv: list[str]) -> None:
     else:
         gc = {"default": None, "on": True, "off": False}[rest[0]]
         result = run_trl(int(steps), int(warmup), out_dir, gc)
-    print("BENCH_RESULT " + json.dumps(result), flush=True)
+    _say("RESULT", json.dumps(result))
 
 
-def _spawn(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "rlhf.bench", "--worker", *args], capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("BENCH_RESULT "):
-            return json.loads(line.removeprefix("BENCH_RESULT "))
-    tail = (proc.stdout + proc.stderr)[-3000:]
-    raise RuntimeError(f"benchmark worker {args[0]} failed (exit {proc.returncode}):\n{tail}")
+class _Worker:
+    """One framework's benchmark process, run one step at a time by the parent."""
+
+    def __init__(self, args: list[str], log_path: Path):
+        self.name, self.log_path = args[0], log_path
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "rlhf.bench", "--worker", *args], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1)
+
+    def expect(self, tag: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(f"BENCH_{tag} "):
+                return line.removeprefix(f"BENCH_{tag} ").strip()
+        code = self.proc.wait()
+        tail = self.log_path.read_text()[-3000:]
+        raise RuntimeError(f"benchmark worker {self.name} failed (exit {code}; log {self.log_path}):\n{tail}")
+
+    def send(self, word: str) -> None:
+        self.proc.stdin.write(word + "\n")
+        self.proc.stdin.flush()
+
+    def step(self) -> None:
+        self.send("STEP")
+        self.expect("DONE")
+
+    def finish(self) -> dict:
+        self.send("END")
+        result = json.loads(self.expect("RESULT"))
+        self.proc.wait()
+        return result
+
+
+def run_interleaved(runs: dict[str, list[str]], rounds: int, out: Path) -> dict[str, dict]:
+    """Start every run's worker, then `rounds` rounds of one step each, in turn; their results by name."""
+    out.mkdir(parents=True, exist_ok=True)
+    workers = {name: _Worker(args, out / f"{name}.log") for name, args in runs.items()}
+    try:
+        for w in workers.values():
+            w.expect("READY")
+        for _ in range(rounds):
+            for w in workers.values():
+                w.step()
+        return {name: w.finish() for name, w in workers.items()}
+    finally:
+        for w in workers.values():
+            if w.proc.poll() is None:
+                w.proc.kill()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -166,15 +235,23 @@ def main(argv: list[str] | None = None) -> dict:
     SETTINGS["model"] = os.environ["RLHF_BENCH_MODEL"] = a.model  # the workers read it
     result: dict = {"settings": SETTINGS, "steps": a.steps, "warmup": a.warmup}
     result["matmul_gflops"] = {d: round(matmul_gflops(d), 1) for d in ("bf16", "fp32")}
-    result["rlhf"] = _spawn(["rlhf", str(a.steps), str(a.warmup), f"{a.out}/rlhf", *a.overrides])
-    if not a.no_trl:
-        result["trl_defaults"] = _spawn(["trl", str(a.steps), str(a.warmup), f"{a.out}/trl", "default"])
-        result["trl_no_gradient_checkpointing"] = _spawn(["trl", str(a.steps), str(a.warmup), f"{a.out}/trl_nogc", "off"])
-        for key in ("trl_defaults", "trl_no_gradient_checkpointing"):
-            result[f"speedup_vs_{key}"] = round(result["rlhf"]["samples_per_s"] / result[key]["samples_per_s"], 2)
+    rounds, out = a.steps + a.warmup, Path(a.out)
+    rlhf_config(a.steps, a.warmup, str(out / "rlhf"), a.overrides).validate()  # a bad override fails here, not in a worker
+    rlhf_args = ["rlhf", str(a.steps), str(a.warmup), str(out / "rlhf"), *a.overrides]
+    if a.no_trl:
+        result.update(run_interleaved({"rlhf": rlhf_args}, rounds, out))
+    else:  # one pair per TRL setting: rlhf and TRL take turns, each ratio from its own pair
+        for key, gc in (("trl_defaults", "default"), ("trl_no_gradient_checkpointing", "off")):
+            pair = run_interleaved({"rlhf": rlhf_args, key: ["trl", str(a.steps), str(a.warmup), str(out / key), gc]},
+                                   rounds, out / key)
+            result.setdefault("rlhf", pair["rlhf"])
+            result[key] = pair[key]
+            result[f"speedup_vs_{key}"] = round(pair["rlhf"]["samples_per_s"] / pair[key]["samples_per_s"], 2)
+            result[f"rlhf_step_s_beside_{key}"] = round(pair["rlhf"]["step_s"], 3)
         result["rlhf_rss_le_trl"] = result["rlhf"]["peak_rss_mb"] <= result["trl_defaults"]["peak_rss_mb"]
         if "peak_gpu_mb" in result["rlhf"]:
             result["rlhf_gpu_mem_le_trl"] = result["rlhf"]["peak_gpu_mb"] <= result["trl_defaults"]["peak_gpu_mb"]
+    result["matmul_gflops_end"] = {d: round(matmul_gflops(d), 1) for d in ("bf16", "fp32")}
     r = result["rlhf"]
     if r.get("tokens_per_step"):
         flops = 8 * r["params"] * r["tokens_per_step"]
