@@ -27,7 +27,17 @@ from torch import Tensor
 
 from rlhf.models.precision import autocast
 
-CHUNK_ROWS = 1024
+CHUNK_ROWS: Optional[int] = None  # logit rows per chunk; None: by device, `_chunk_rows`
+CPU_CHUNK_BYTES = 2 << 20  # a chunk's fp32 rows stay in cache through their five passes (SmolLM2, 514 rows: 3x faster than 1024-row chunks)
+GPU_CHUNK_ROWS = 1024
+
+
+def _chunk_rows(logits_KV: Tensor) -> int:
+    if CHUNK_ROWS:
+        return CHUNK_ROWS
+    if logits_KV.device.type == "cpu":
+        return max(1, CPU_CHUNK_BYTES // (4 * logits_KV.shape[-1]))
+    return GPU_CHUNK_ROWS
 
 
 @dataclass
@@ -101,15 +111,16 @@ class _IndexedLogProb(torch.autograd.Function):
         # every row in contiguous chunks (a row no target reads costs less than gathering the used ones)
         lse_K = torch.empty(logits_KV.shape[0], dtype=torch.float32, device=logits_KV.device)
         ent_K = torch.zeros_like(lse_K)
-        for i in range(0, logits_KV.shape[0], CHUNK_ROWS):
-            x = _scaled(logits_KV[i: i + CHUNK_ROWS], temperature)
+        C = _chunk_rows(logits_KV)
+        for i in range(0, logits_KV.shape[0], C):
+            x = _scaled(logits_KV[i: i + C], temperature)
             max_k1 = x.amax(-1, keepdim=True)
             e = (x - max_k1).exp_()  # in place from here on: every pass over [rows, V] fp32 counts on a CPU
             sum_k = e.sum(-1)
             lse = max_k1.squeeze(-1) + sum_k.log()
-            lse_K[i: i + CHUNK_ROWS] = lse
+            lse_K[i: i + C] = lse
             if entropy:  # H = lse - sum(softmax(x) * x)
-                ent_K[i: i + CHUNK_ROWS] = lse - e.mul_(x).sum(-1) / sum_k
+                ent_K[i: i + C] = lse - e.mul_(x).sum(-1) / sum_k
         logp_M = logits_KV[row_M, target_M].float() / temperature - lse_K[row_M]
         ctx.save_for_backward(logits_KV, row_M, target_M, lse_K)
         ctx.temperature = temperature
@@ -124,8 +135,9 @@ class _IndexedLogProb(torch.autograd.Function):
         g = grad_M.float()
         coef_K = torch.zeros_like(lse_K).index_add_(0, row_M, g)  # d/dx of -lse, summed over targets
         grad = torch.empty_like(logits_KV)  # every row is written below
-        for i in range(0, logits_KV.shape[0], CHUNK_ROWS):
-            rows = slice(i, i + CHUNK_ROWS)
+        C = _chunk_rows(logits_KV)
+        for i in range(0, logits_KV.shape[0], C):
+            rows = slice(i, i + C)
             p = _scaled(logits_KV[rows], t).sub_(lse_K[rows].unsqueeze(-1)).exp_()
             grad[rows] = p.mul_(coef_K[rows].unsqueeze(-1) / -t).to(grad.dtype)
         grad.index_put_((row_M, target_M), (g / t).to(grad.dtype), accumulate=True)
