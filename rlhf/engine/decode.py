@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from rlhf.engine.base import SamplingParams
+from rlhf.models.precision import Bf16Weights, shared_bf16_weights
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")  # pre-norm, rotary, GQA, gated MLP: the same layer shapes
 
@@ -49,15 +51,19 @@ def _mlp_linears(layer: torch.nn.Module) -> tuple[torch.nn.Linear, ...]:
     return layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj
 
 
-def _cat_rows(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _cat_rows(*linears: torch.nn.Linear, share: Optional[Bf16Weights] = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The linears' weights (and biases) stacked by output row, in bf16: one matmul for all of them.
-    Each weight is cast straight into its rows (one write, not a cast and then a concatenation)."""
+    Each weight is cast straight into its rows; `share` is offered each weight's rows (the same cast,
+    for the trained model's next forward: rlhf.models.precision.Bf16Weights)."""
     first = linears[0].weight
     weight = first.new_empty(sum(lin.out_features for lin in linears), first.shape[1], dtype=torch.bfloat16)
     bias = None if all(lin.bias is None for lin in linears) else weight.new_zeros(weight.shape[0])
     row = 0
     for lin in linears:
-        weight[row: row + lin.out_features].copy_(lin.weight)
+        rows = weight[row: row + lin.out_features]
+        rows.copy_(lin.weight)
+        if share is not None:
+            share.put(lin.weight, rows)
         if lin.bias is not None:
             bias[row: row + lin.out_features].copy_(lin.bias)
         row += lin.out_features
@@ -95,32 +101,36 @@ class FusedDecoder:
         cfg = model.config
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
         packed = [m for layer in model.model.layers for m in (*_attention_linears(layer), *_mlp_linears(layer))]
-        packed += [head] if head.weight is not embed.weight else []  # a tied head is also the embedding
-        ids = {id(t) for m in packed for t in (m.weight, m.bias) if t is not None}
+        packed += [model.get_output_embeddings(), model.get_input_embeddings()]  # the embedding is looked up in the source
+        ids = {id(t) for m in packed for t in (m.weight, getattr(m, "bias", None)) if t is not None}
         self.packed_names = {name for name, t in model.named_parameters() if id(t) in ids}
         self.load(model)
 
     @torch.no_grad()
     def load(self, source: torch.nn.Module) -> None:
         """(Re)pack the linear layers from `source`'s current weights (`self.model` or any model with its
-        architecture, e.g. the fp32 policy it copies): call after every weight update."""
-        self.layers = []
-        for layer, own in zip(source.model.layers, self.model.model.layers):
+        architecture, e.g. the fp32 policy it copies): call after every weight update. Token embeddings
+        are looked up in `source` itself (and cast to bf16 row by row: the same values as a bf16 copy's)."""
+        self.layers, self.head, groups = [], None, []  # the old packed weights go first
+        for layer in source.model.layers:
             q, k, v, o = _attention_linears(layer)
             gate, up, down = _mlp_linears(layer)
-            self.layers.append(dict(
-                qkv=PackedLinear(*_cat_rows(q, k, v)), o=PackedLinear(*_cat_rows(o)),
-                gate_up=PackedLinear(*_cat_rows(gate, up)), down=PackedLinear(*_cat_rows(down)),
-                ln1=own.input_layernorm, ln2=own.post_attention_layernorm, act=own.mlp.act_fn, scaling=own.self_attn.scaling,
-            ))
-        self.head = PackedLinear(*_cat_rows(source.get_output_embeddings()))
+            groups += [(q, k, v), (o,), (gate, up), (down,)]
+        groups.append((source.get_output_embeddings(),))
+        share = shared_bf16_weights(source)
+        packed = [PackedLinear(*_cat_rows(*g, share=share)) for g in groups]
+        self.layers = [
+            dict(qkv=packed[4 * i], o=packed[4 * i + 1], gate_up=packed[4 * i + 2], down=packed[4 * i + 3],
+                 ln1=own.input_layernorm, ln2=own.post_attention_layernorm, act=own.mlp.act_fn, scaling=own.self_attn.scaling)
+            for i, own in enumerate(self.model.model.layers)
+        ]
+        self.head, self.embed = packed[-1], source.get_input_embeddings()
 
     @torch.no_grad()
     def drop_model_weights(self) -> None:
-        """Free `self.model`'s copies of the packed weights (they live on packed; the model can then no
-        longer run its own forward)."""
+        """Free `self.model`'s copies of the packed weights and of the embedding (after `load` from another
+        model: they live on packed, or in that model; `self.model` can then no longer run its own forward)."""
         for name, t in self.model.named_parameters():
             if name in self.packed_names:
                 t.data = t.new_empty(0)
@@ -147,7 +157,7 @@ class FusedDecoder:
         # none: sdpa gives its row zeros, and nothing reads it)
         causal_SL = torch.ones(S, end, dtype=torch.bool).tril(diagonal=start)
         mask_N1SL = (causal_SL & cache.valid_NL[:, None, :end]).unsqueeze(1)
-        x = self.model.get_input_embeddings()(ids_NS)
+        x = self.embed(ids_NS).to(torch.bfloat16)
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         cos, sin = self.model.model.rotary_emb(x, pos_NS)
         # rotary as transformers applies it, x * cos + rotate_half(x) * sin, with rotate_half(x) * sin =

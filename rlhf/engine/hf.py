@@ -69,7 +69,8 @@ class HFEngine:
         self.model = inference_copy(model, torch.bfloat16) if self.copy_weights else model
         self.decoder = FusedDecoder(self.model) if self.copy_weights and FusedDecoder.supports(self.model) else None
         if self.decoder is not None:
-            self.decoder.drop_model_weights()  # its linear weights live on packed in the decoder
+            self.decoder.load(model)  # packed from the policy, whose embedding it reads
+            self.decoder.drop_model_weights()  # the copy keeps its norms only
         self.seed_per_prompt, self.seed, self.calls = cfg.generation.seed_per_prompt, cfg.train.seed, 0
 
     @torch.no_grad()

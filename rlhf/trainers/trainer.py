@@ -33,6 +33,7 @@ from rlhf.engine import ENGINES, SamplingParams
 from rlhf.logging import JsonlWriter, PhaseTimer, Progress, quiet_repeated_warnings, warn_about_step
 from rlhf.models.loading import load_policy, load_reference, load_tokenizer
 from rlhf.models.logprobs import sample_logprobs
+from rlhf.models.precision import Bf16Weights
 from rlhf.redact import redact
 from rlhf.rewards import RewardModule
 from rlhf.trainers import checkpoint as ckpt
@@ -94,6 +95,9 @@ class Trainer:
         # on the optimizer that steps (DeepSpeed wraps it, or swaps in its CPU Adam when offloading)
         self.scheduler = build_scheduler(dist.inner_optimizer(self.optimizer), cfg.train, self.total_opt_steps)
         self.engine = ENGINES.get(cfg.generation.engine)(self.whole_model, self.tokenizer, cfg)
+        if cfg.model.compute_dtype == "bf16" and not cfg.model.lora.enabled and self.layout in ("single", "ddp"):
+            # the engine's weight sync casts the policy's linear weights to bf16 anyway: the next forwards reuse them
+            Bf16Weights(self.unwrapped, dist.inner_optimizer(self.optimizer))
         g = cfg.generation
         self.sampling = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k)
 

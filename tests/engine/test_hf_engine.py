@@ -44,14 +44,16 @@ def test_greedy_is_deterministic(tiny_model_dir, tokenizer):
 
 
 def test_bf16_generation_copy_follows_the_policy(tiny_model_dir, tokenizer):
-    """The bf16 copy keeps what the fused decoder does not pack (embeddings, norms) and follows the policy."""
+    """The bf16 copy keeps only what the fused decoder neither packs nor reads from the policy (the norms: the
+    embedding rows are looked up in the policy) and follows the policy."""
     model = load_causal_lm(str(tiny_model_dir))
     cfg = Config()
     cfg.model.compute_dtype = "bf16"
     engine = HFEngine(model, tokenizer, cfg)
     assert engine.copy_weights and next(engine.model.parameters()).dtype == torch.bfloat16
     packed = engine.decoder.packed_names
-    assert "model.layers.0.self_attn.q_proj.weight" in packed and "model.embed_tokens.weight" not in packed
+    assert "model.layers.0.self_attn.q_proj.weight" in packed and "model.embed_tokens.weight" in packed
+    assert "model.norm.weight" not in packed
     assert all(p.numel() == 0 for name, p in engine.model.named_parameters() if name in packed)  # no second copy
     with torch.no_grad():
         for p in model.parameters():

@@ -116,3 +116,24 @@ def test_is_correction_uses_sampler_logps_and_logs_the_gap(tiny_cfg, yes_reward,
 def test_no_sampler_logps_without_correction_on_the_hf_engine(tiny_cfg, yes_reward):
     record = Trainer(tiny_cfg(yes_reward, "train.steps=1")).train()[0]
     assert "engine/logp_gap_mean" not in record  # the HF engine's log-probs are not free: not requested
+
+
+def test_the_trainer_shares_the_engine_sync_casts_and_trains_to_the_same_weights(tiny_cfg, yes_reward, monkeypatch):
+    from rlhf.models.precision import shared_bf16_weights
+    from rlhf.trainers import trainer as trainer_module
+
+    overrides = ["model.compute_dtype=bf16", "train.steps=2", yes_reward]
+    shared_run = Trainer(tiny_cfg(*overrides))
+    shared = shared_bf16_weights(shared_run.unwrapped)
+    assert shared is not None and shared_run.engine.decoder is not None
+    shared_run.step()
+    linears = [m for m in shared_run.unwrapped.modules() if isinstance(m, torch.nn.Linear)]
+    assert {id(w) for w in shared.copies} == {id(lin.weight) for lin in linears}  # the sync offered every weight
+    shared_run.step()
+    monkeypatch.setattr(trainer_module, "Bf16Weights", lambda *a: None)
+    plain_run = Trainer(tiny_cfg(*overrides))
+    assert shared_bf16_weights(plain_run.unwrapped) is None
+    plain_run.step()
+    plain_run.step()
+    for (name, a), b in zip(shared_run.unwrapped.named_parameters(), plain_run.unwrapped.parameters()):
+        assert torch.equal(a, b), name
