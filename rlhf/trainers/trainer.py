@@ -95,8 +95,8 @@ class Trainer:
         # on the optimizer that steps (DeepSpeed wraps it, or swaps in its CPU Adam when offloading)
         self.scheduler = build_scheduler(dist.inner_optimizer(self.optimizer), cfg.train, self.total_opt_steps)
         self.engine = ENGINES.get(cfg.generation.engine)(self.whole_model, self.tokenizer, cfg)
-        if cfg.model.compute_dtype == "bf16" and not cfg.model.lora.enabled and self.layout in ("single", "ddp"):
-            # the engine's weight sync casts the policy's linear weights to bf16 anyway: the next forwards reuse them
+        if getattr(self.engine, "decoder", None) is not None and self.layout in ("single", "ddp"):
+            # the HF engine's decode loop casts the policy's linear weights to bf16 at every sync: the next forwards reuse them
             Bf16Weights(self.unwrapped, dist.inner_optimizer(self.optimizer))
         g = cfg.generation
         self.sampling = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k)
