@@ -17,17 +17,6 @@ def build_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
                              fused=fused or None)
 
 
-def clip_in_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """The gradients' total L2 norm; the next `optimizer.step()` (a fused AdamW) then scales each gradient by
-    torch.nn.utils.clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6)) as it reads it, through the
-    `grad_scale` the kernel divides by, instead of a separate pass over every gradient. Delete
-    `optimizer.grad_scale` after the step."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-    optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
-    return norm
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, tcfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup for `warmup_steps` optimizer steps, then constant, linear or cosine decay to 0."""
     warmup = tcfg.warmup_steps

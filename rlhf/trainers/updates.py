@@ -24,9 +24,7 @@ from rlhf.algos.kl import k3
 from rlhf.algos.natural import (FVP, assign_flat_, categorical_kl_NT, flatten, hessian_vector_product, self_kl_NT,
                                 surrogate_loss_NT)
 from rlhf.models.logprobs import sample_log_softmax, scatter_tokens
-from rlhf.trainers import distributed as dist
 from rlhf.trainers.experience import Experience
-from rlhf.trainers.optim import clip_in_step
 
 
 def normalizer(trainer, mask_NT: Tensor) -> LossNormalizer:
@@ -169,28 +167,16 @@ class BatchUpdater:
     def _clip_and_step(self) -> float:
         """Clip, step (skipping a NaN/inf gradient) and zero the gradients; returns the gradient norm.
 
-        With torch's fused AdamW on whole gradients (one process, DDP) the clip coefficient goes to the
-        optimizer as its `grad_scale` (the kernel divides each gradient by it as it reads it), which saves
-        a pass over every gradient (CPU, SmolLM2: 45 ms per step). Under DeepSpeed the engine has already
-        clipped (gradient_clipping = train.max_grad_norm) and stepped inside the last `acc.backward`; this
-        reads its norm, and `optimizer.step` is a no-op. DeepSpeed applies a non-finite fp32 gradient: the
-        guard then only counts it and stops the run.
+        Under DeepSpeed the engine has already clipped (gradient_clipping = train.max_grad_norm) and
+        stepped inside the last `acc.backward`; this reads its norm, and `optimizer.step` is a no-op.
+        DeepSpeed applies a non-finite fp32 gradient: the guard then only counts it and stops the run.
         """
         max_norm = self.cfg.train.max_grad_norm
-        inner = dist.inner_optimizer(self.t.optimizer)
-        fold = self.t.layout in ("single", "ddp") and inner.defaults.get("fused") and max_norm > 0
-        if fold:
-            norm = clip_in_step(inner, self.params, max_norm)
-        else:
-            norm = self.t.acc.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+        norm = self.t.acc.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
         grad_norm = float("nan") if norm is None else float(norm)
-        try:
-            if self.t.nonfinite.record(grad_norm):  # a NaN/inf gradient never reaches the weights
-                self.t.optimizer.step()
-                self.t.scheduler.step()
-        finally:
-            if fold:
-                del inner.grad_scale
+        if self.t.nonfinite.record(grad_norm):  # a NaN/inf gradient never reaches the weights
+            self.t.optimizer.step()
+            self.t.scheduler.step()
         self.t.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
