@@ -4,11 +4,11 @@ Each framework runs in its own process (so peak RSS is its own). rlhf is timed a
 setting in a pair of processes that take turns: the parent lets one run ONE step while the other
 waits idle, round after round, so a drift of the machine's speed during the run (other tenants of a
 VM) reaches both alike instead of whichever ran last. (Three processes taking turns slowed every
-step by 15-35% here, unevenly, so each ratio comes from its own pair.) The parent measures the machine's matmul FLOP/s (before and after) and prints ONE
-JSON line: samples/s of each, their ratios, rlhf's phase breakdown, peak RSS (and GPU memory), and how
-close rlhf's step is to the compute limit (about 8 x parameters x tokens / matmul FLOP/s: forward +
-backward of the policy, forward of the reference). TRL is needed only in the benchmark environment
-(`make bench` makes one).
+step by 15-35% here, unevenly, so each ratio comes from its own pair.) The parent measures the
+machine's matmul FLOP/s (before and after) and prints ONE JSON line: samples/s of each, their
+ratios, rlhf's phase breakdown, peak RSS (and GPU memory), and how close rlhf's step is to the
+compute limit (about 8 x parameters x tokens / matmul FLOP/s: forward + backward of the policy,
+forward of the reference). TRL is needed only in the benchmark environment (`make bench` makes one).
 
 Equal settings: SmolLM2-135M-Instruct, the arithmetic prompts, 2 prompts x 8 samples, at most
 32 new tokens, one update per batch, KL coefficient 0.04, full fine-tuning, lr 2e-5.
@@ -237,12 +237,12 @@ def main(argv: list[str] | None = None) -> dict:
     result["matmul_gflops"] = {d: round(matmul_gflops(d), 1) for d in ("bf16", "fp32")}
     rounds, out = a.steps + a.warmup, Path(a.out)
     rlhf_config(a.steps, a.warmup, str(out / "rlhf"), a.overrides).validate()  # a bad override fails here, not in a worker
-    rlhf_args = ["rlhf", str(a.steps), str(a.warmup), str(out / "rlhf"), *a.overrides]
+    rlhf_args = lambda d: ["rlhf", str(a.steps), str(a.warmup), str(d / "rlhf"), *a.overrides]  # noqa: E731
     if a.no_trl:
-        result.update(run_interleaved({"rlhf": rlhf_args}, rounds, out))
+        result.update(run_interleaved({"rlhf": rlhf_args(out)}, rounds, out))
     else:  # one pair per TRL setting: rlhf and TRL take turns, each ratio from its own pair
         for key, gc in (("trl_defaults", "default"), ("trl_no_gradient_checkpointing", "off")):
-            pair = run_interleaved({"rlhf": rlhf_args, key: ["trl", str(a.steps), str(a.warmup), str(out / key), gc]},
+            pair = run_interleaved({"rlhf": rlhf_args(out / key), key: ["trl", str(a.steps), str(a.warmup), str(out / key / "trl"), gc]},
                                    rounds, out / key)
             result.setdefault("rlhf", pair["rlhf"])
             result[key] = pair[key]
