@@ -44,17 +44,17 @@ def sequence_scores(inp: AdvantageInputs) -> Tensor:
 
 
 def _group_view(score_N: Tensor, group_size: int) -> Tensor:
+    """score_BG in float64: a group of equal fp32 scores then has a mean equal to each of them, so every
+    deviation is exactly 0 (in fp32, 3 x 1.344090266 averages 1 ulp off, and GRPO divided those 1e-7
+    deviations by a 1e-7 std into advantages of 0.1)."""
     if score_N.numel() % group_size:
         raise ValueError(f"{score_N.numel()} samples do not split into groups of {group_size}")
-    return score_N.view(-1, group_size)
+    return score_N.view(-1, group_size).double()
 
 
 def _group_mean_std(score_BG: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """mean_B1, unbiased std_B1 over the finite entries of each group, and the finite mask valid_BG.
-
-    Callers pass float64 scores: a group of equal fp32 scores then has a mean equal to each of them,
-    so every deviation is exactly 0 (in fp32, 3 x 1.344090266 averages 1 ulp off, and GRPO divided
-    those 1e-7 deviations by a 1e-7 std into advantages of 0.1)."""
+    """mean_B1, unbiased std_B1 over the finite entries of each group, and the finite mask valid_BG
+    (float64 scores from `_group_view`)."""
     valid_BG = torch.isfinite(score_BG)
     n_B1 = valid_BG.sum(-1, keepdim=True).clamp(min=1)
     x_BG = torch.where(valid_BG, score_BG, 0.0)
@@ -76,7 +76,7 @@ def grpo(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
     r_i = score_N, std is the unbiased group std, eps = `algo.std_eps`.
     Shao et al. 2024, DeepSeekMath (GRPO).
     """
-    score_BG = _group_view(sequence_scores(inp), inp.group_size).double()
+    score_BG = _group_view(sequence_scores(inp), inp.group_size)
     mean_B1, std_B1, valid_BG = _group_mean_std(score_BG)
     adv_BG = torch.where(valid_BG, (score_BG - mean_B1) / (std_B1 + cfg.std_eps), 0.0)
     return _broadcast(adv_BG.reshape(-1), inp.mask_NT)
@@ -88,7 +88,7 @@ def dr_grpo(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
 
     Pair it with `algo.loss_agg=seq_mean_token_sum_norm` for the paper's length-unbiased loss.
     """
-    score_BG = _group_view(sequence_scores(inp), inp.group_size).double()
+    score_BG = _group_view(sequence_scores(inp), inp.group_size)
     mean_B1, _, valid_BG = _group_mean_std(score_BG)
     adv_BG = torch.where(valid_BG, score_BG - mean_B1, 0.0)
     return _broadcast(adv_BG.reshape(-1), inp.mask_NT)
@@ -100,7 +100,7 @@ def rloo(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
 
     The baseline does not depend on sample i, so the estimator is unbiased.
     """
-    score_BG = _group_view(sequence_scores(inp), inp.group_size).double()  # float64: see _group_mean_std
+    score_BG = _group_view(sequence_scores(inp), inp.group_size)
     valid_BG = torch.isfinite(score_BG)
     x_BG = torch.where(valid_BG, score_BG, 0.0)
     n_B1 = valid_BG.sum(-1, keepdim=True)
@@ -144,7 +144,7 @@ def reinforce_baseline(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
     """
     valid_N = torch.isfinite(sequence_scores(inp))
     ret_NT = discounted_returns(inp.rewards_NT, inp.mask_NT, cfg.gamma)
-    g0_BG = _group_view(torch.where(valid_N, ret_NT[:, 0], float("nan")), inp.group_size).double()
+    g0_BG = _group_view(torch.where(valid_N, ret_NT[:, 0], float("nan")), inp.group_size)
     mean_B1, _, _ = _group_mean_std(g0_BG)
     baseline_N = mean_B1.expand_as(g0_BG).reshape(-1)
     adv_NT = (ret_NT.double() - baseline_N.unsqueeze(-1)) * inp.mask_NT * valid_N.unsqueeze(-1)

@@ -96,7 +96,8 @@ class FusedDecoder:
         p = next(model.parameters())
         return p.dtype == torch.bfloat16 and p.device.type == "cpu"
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, source: Optional[torch.nn.Module] = None):
+        """Run `model`'s architecture with weights packed from `source` (default: `model` itself)."""
         self.model = model
         cfg = model.config
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -105,7 +106,7 @@ class FusedDecoder:
         packed += [model.get_output_embeddings(), model.get_input_embeddings()]  # the embedding is looked up in the source
         ids = {id(t) for m in packed for t in (m.weight, getattr(m, "bias", None)) if t is not None}
         self.packed_names = {name for name, t in model.named_parameters() if id(t) in ids}
-        self.load(model)
+        self.load(model if source is None else source)
 
     @torch.no_grad()
     def load(self, source: torch.nn.Module) -> None:
@@ -221,7 +222,6 @@ def fast_sampling(device: torch.device):
         yield
     finally:
         torch.multinomial = _multinomial
-
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

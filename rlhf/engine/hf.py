@@ -67,9 +67,9 @@ class HFEngine:
         fp32_weights = any(p.dtype == torch.float32 for p in model.parameters())
         self.copy_weights = self.compute_dtype == "bf16" and fp32_weights and not hasattr(model, "peft_config")
         self.model = inference_copy(model, torch.bfloat16) if self.copy_weights else model
-        self.decoder = FusedDecoder(self.model) if self.copy_weights and FusedDecoder.supports(self.model) else None
+        # packed from the policy, whose embedding it also reads
+        self.decoder = FusedDecoder(self.model, model) if self.copy_weights and FusedDecoder.supports(self.model) else None
         if self.decoder is not None:
-            self.decoder.load(model)  # packed from the policy, whose embedding it reads
             self.decoder.drop_model_weights()  # the copy keeps its norms only
         self.seed_per_prompt, self.seed, self.calls = cfg.generation.seed_per_prompt, cfg.train.seed, 0
 
