@@ -1,18 +1,19 @@
-"""Update rules: `UPDATES[name](problem, cfg) -> list[record]`, one metrics record per optimizer step.
+"""Update rules: `UPDATES[name](cfg) -> UpdateRule`: how one batch of experience moves the policy.
 
-An update rule decides how one batch of experience moves the policy. It sees the policy
-only through `UpdateProblem` (implemented by `rlhf.trainers.updates.BatchUpdater`), so the
-rules below are model-free orchestration of the math in `rlhf.algos.natural`:
+A rule is either first-order, run by the trainer's one update loop (`rlhf.trainers.update`) with an
+optional extra per-token loss term, or one natural-gradient step, a function of a `NaturalProblem`
+(implemented by `rlhf.trainers.natural`), so the rules below stay model-free orchestration of the
+math in `rlhf.algos.natural`:
 
 - `adamw`: `train.updates_per_batch` passes, one clipped AdamW step per mini-batch each (the default).
 - `mdpo`:  the same passes on the loss plus (1/eta) KL(pi || pi_old) (Tomar et al. 2020).
 - `npg`:   one natural-gradient step of mean KL `max_kl` (Kakade 2001).
 - `trpo`:  the npg step plus a backtracking line search on measured KL and loss (Schulman et al. 2015).
 
-Registry metadata: `single_pass=True` (one step per batch), `min_passes=k` (needs
-`train.updates_per_batch >= k`), `double_backprop=True` (Fisher-vector products by double
-backprop: attention runs on the math kernel; works with non-reentrant activation checkpointing),
-`needs_old_logp=True` (the experience must carry log pi_old).
+Registry metadata (read by `rlhf.algos.combos`): `single_pass=True` (one step per batch),
+`min_passes=k` (needs `train.updates_per_batch >= k`), `needs_old_logp=True` (the rule reads
+log pi_old even with one pass: the natural step's line search and measured KL).
+The derivations: docs/derivation.md#natural-gradient, #trpo and #mdpo.
 """
 from __future__ import annotations
 
@@ -35,13 +36,8 @@ class ExtraLoss:
     fn: Callable[[Tensor, Tensor], Tensor]
 
 
-class UpdateProblem(Protocol):
-    """One batch of experience bound to the policy and its optimizer; every quantity is global over processes."""
-
-    passes: int  # train.updates_per_batch
-
-    def optimizer_pass(self, extra: Optional[ExtraLoss] = None) -> list[dict]:
-        """One pass over the batch: a clipped optimizer step per mini-batch; returns each step's metrics."""
+class NaturalProblem(Protocol):
+    """One batch of experience bound to the policy; every quantity is global over processes."""
 
     def loss_and_grad(self) -> tuple[Tensor, dict]:
         """(g_P, metrics): the flat gradient of the aggregated loss at the current parameters."""
@@ -58,29 +54,39 @@ class UpdateProblem(Protocol):
         the vocabulary); the surrogate is `natural.surrogate_loss_NT` (+ beta * KL to the reference in the loss)."""
 
 
-UpdateFn = Callable[[UpdateProblem, "object"], "list[dict]"]
-UPDATES: Registry[UpdateFn] = Registry("update rule")
+NaturalStepFn = Callable[[NaturalProblem, "object"], dict]
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """First-order passes with an optional `extra` loss term, or (`natural` set) one natural-gradient step
+    `natural(problem, algo_cfg) -> record`."""
+
+    extra: Optional[ExtraLoss] = None
+    natural: Optional[NaturalStepFn] = None
+
+
+UPDATES: Registry[Callable[["object"], UpdateRule]] = Registry("update rule")
 
 
 @UPDATES.register("adamw")
-def adamw(problem: UpdateProblem, cfg) -> list[dict]:
+def adamw(cfg) -> UpdateRule:
     """`train.updates_per_batch` passes over the batch, one AdamW step each (Loshchilov & Hutter 2019)."""
-    return [rec for _ in range(problem.passes) for rec in problem.optimizer_pass()]
+    return UpdateRule()
 
 
-@UPDATES.register("mdpo", min_passes=2, needs_old_logp=True)
-def mdpo(problem: UpdateProblem, cfg) -> list[dict]:
+@UPDATES.register("mdpo", min_passes=2)
+def mdpo(cfg) -> UpdateRule:
     """Mirror-descent policy optimisation (Tomar et al. 2020): `train.updates_per_batch` inner Adam
     steps on  loss(theta) + (1/eta) KL(pi_theta || pi_old), eta = `algo.mdpo.eta`.
 
-    The loss is the configured policy objective (the seed's surrogate r A, or its clipped
-    form); the KL is `kl_to_old` on the batch's tokens, sampled by pi_old.
+    The loss is the configured policy objective (the surrogate r A, or its clipped form); the KL is
+    `kl_to_old` on the batch's tokens, sampled by pi_old.
     """
-    extra = ExtraLoss("mdpo/kl_old", 1.0 / cfg.mdpo.eta, kl_to_old)
-    return [rec for _ in range(problem.passes) for rec in problem.optimizer_pass(extra)]
+    return UpdateRule(extra=ExtraLoss("mdpo/kl_old", 1.0 / cfg.mdpo.eta, kl_to_old))
 
 
-def _natural(problem: UpdateProblem, cfg) -> tuple[Tensor, Tensor, object, dict]:
+def _natural(problem: NaturalProblem, cfg) -> tuple[Tensor, Tensor, object, dict]:
     nat = cfg.natural
     theta_old_P = problem.flat_params()
     g_P, record = problem.loss_and_grad()
@@ -90,8 +96,19 @@ def _natural(problem: UpdateProblem, cfg) -> tuple[Tensor, Tensor, object, dict]
     return theta_old_P, g_P, step, record
 
 
-@UPDATES.register("npg", single_pass=True, double_backprop=True)
-def npg(problem: UpdateProblem, cfg) -> list[dict]:
+@UPDATES.register("npg", single_pass=True, needs_old_logp=True)
+def npg(cfg) -> UpdateRule:
+    """Natural policy gradient (Kakade 2001); see `npg_step`."""
+    return UpdateRule(natural=npg_step)
+
+
+@UPDATES.register("trpo", single_pass=True, needs_old_logp=True)
+def trpo(cfg) -> UpdateRule:
+    """TRPO (Schulman et al. 2015); see `trpo_step`."""
+    return UpdateRule(natural=trpo_step)
+
+
+def npg_step(problem: NaturalProblem, cfg) -> dict:
     """Natural policy gradient (Kakade 2001): theta += -sqrt(2 delta / x^T F x) x, x = F^-1 g by CG.
 
     g is the gradient of the configured loss at theta_old (where every registered policy loss
@@ -103,11 +120,10 @@ def npg(problem: UpdateProblem, cfg) -> list[dict]:
     problem.set_flat_params(theta_old_P + step.delta_P)
     loss_old, loss_new, kl = problem.measure(theta_old_P)
     record.update({"natural/kl": kl, "natural/improvement": loss_old - loss_new, "natural/accepted": 1.0})
-    return [record]
+    return record
 
 
-@UPDATES.register("trpo", single_pass=True, double_backprop=True)
-def trpo(problem: UpdateProblem, cfg) -> list[dict]:
+def trpo_step(problem: NaturalProblem, cfg) -> dict:
     """TRPO (Schulman et al. 2015): the npg step, shrunk by `algo.natural.backtrack_coef` until the
     measured mean KL(pi_old || pi) <= `algo.natural.max_kl` and the surrogate loss -r A
     (+ beta KL to the reference) decreases; if no try passes within `algo.natural.max_backtracks`,
@@ -134,4 +150,4 @@ def trpo(problem: UpdateProblem, cfg) -> list[dict]:
         "natural/improvement": result.improvement if result is not None else 0.0,
         "natural/tries": result.tries if result is not None else 0,
     })
-    return [record]
+    return record

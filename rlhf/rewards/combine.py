@@ -33,14 +33,26 @@ class RewardResult:
 
 
 class RewardModule:
+    """The run's reward functions, each with a name and a weight.
+
+    `specs`: config entries (`reward.functions`: a registry name, `module:function` or `file.py:function`,
+    with `weight` and `name`), or from Python, plain callables (weight 1, named after the function) or
+    `(callable, weight)` pairs.
+    """
+
     def __init__(self, specs, on_error: str = "raise", timeout_s: Optional[float] = None):
         self.fns: list[tuple[str, Callable, float]] = []
         for spec in specs:
-            fn = load_reward_fn(spec.fn)
-            name = spec.name or reward_fn_name(spec.fn)
+            if callable(spec) or isinstance(spec, tuple):
+                fn, weight = spec if isinstance(spec, tuple) else (spec, 1.0)
+                if not callable(fn):
+                    raise TypeError(f"reward function {fn!r} is not callable")
+                name = getattr(fn, "__name__", type(fn).__name__)
+            else:
+                fn, name, weight = load_reward_fn(spec.fn), spec.name or reward_fn_name(spec.fn), spec.weight
             if any(name == n for n, _, _ in self.fns):
                 raise ValueError(f"two reward functions are named '{name}'; give one a `name`")
-            self.fns.append((name, fn, float(spec.weight)))
+            self.fns.append((name, fn, float(weight)))
         self.on_error, self.timeout_s = on_error, timeout_s
 
     @property

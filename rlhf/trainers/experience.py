@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 
-
 @dataclass
 class Experience:
     """N samples, prompt-major (group g = rows g*G .. g*G+G-1); per-token tensors are [N, T], right-padded."""
@@ -43,6 +42,18 @@ class Experience:
             else:
                 out[f.name] = v
         return replace(self, **out)
+
+    @classmethod
+    def from_samples(cls, samples, mask_truncated: bool = False) -> "Experience":
+        """The experience of scored `samples` (rlhf.rollout.Samples); `mask_truncated`: completions cut at
+        max_new_tokens take no part in the loss (DAPO)."""
+        mask_NT = completion_mask(samples.completion_ids)
+        exp = cls(samples.prompt_ids, samples.completion_ids, mask_NT, samples.scores_N)
+        if samples.sampler_logps is not None:
+            exp.sampler_logp_NT = pad_rows(samples.sampler_logps, mask_NT.shape[1])
+        if mask_truncated:
+            exp.loss_mask_NT = mask_NT * torch.tensor(samples.finished, dtype=mask_NT.dtype).unsqueeze(-1)
+        return exp
 
     @property
     def train_mask_NT(self) -> Tensor:

@@ -5,14 +5,17 @@
   checkpoint and returns, so the process exits 0 and a resume loses nothing. The flag is
   agreed across processes (max-reduced), so every rank stops at the same step even when
   only one was signalled.
-- `NonFiniteGradients`: a step whose gradient norm is NaN/inf is skipped (the weights and
-  the optimizer state are untouched) and counted; `train.max_skipped_steps` in a row stop
-  the run with `NonFiniteGradientError` after a checkpoint is saved.
+- `NonFiniteGradients`: an optimizer step whose gradient norm is NaN/inf is skipped (the weights, the
+  optimizer state and the learning-rate schedule are untouched) and counted; `train.max_skipped_steps`
+  in a row stop the run with `NonFiniteGradientError` (after a checkpoint is saved). One policy for
+  every trained model: the policy, the critic and the reward model (`rlhf.trainers.optim.clip_and_step`).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
+from typing import Optional
 
 import torch
 
@@ -63,30 +66,33 @@ class Preemption:
 
 
 class NonFiniteGradients:
-    """Counts skipped optimizer steps in `state` ('skipped_steps' in total, 'skipped_in_row')."""
+    """Counts the skipped optimizer steps of one trained model in `state` (`{prefix}skipped_steps` in total,
+    `{prefix}skipped_in_row`), so they are checkpointed and logged with the trainer's counters."""
 
-    def __init__(self, state: dict, max_in_row: int):
-        self.state, self.max_in_row = state, max_in_row
-        state.setdefault("skipped_steps", 0)
-        state.setdefault("skipped_in_row", 0)
+    def __init__(self, state: dict, max_in_row: int, name: str = "policy", prefix: str = ""):
+        self.state, self.max_in_row, self.name = state, max_in_row, name
+        self.total, self.in_row = f"{prefix}skipped_steps", f"{prefix}skipped_in_row"
+        state.setdefault(self.total, 0)
+        state.setdefault(self.in_row, 0)
 
     def record(self, grad_norm: float) -> bool:
         """Count one optimizer step; return True when it must be applied (finite gradient norm)."""
-        finite = bool(torch.isfinite(torch.tensor(grad_norm)))
+        finite = math.isfinite(grad_norm)
         if finite:
-            self.state["skipped_in_row"] = 0
+            self.state[self.in_row] = 0
         else:
-            self.state["skipped_steps"] += 1
-            self.state["skipped_in_row"] += 1
+            self.state[self.total] += 1
+            self.state[self.in_row] += 1
         return finite
 
     @property
     def exceeded(self) -> bool:
-        return 0 < self.max_in_row <= self.state["skipped_in_row"]
+        return 0 < self.max_in_row <= self.state[self.in_row]
 
-    def error(self, checkpoint_step: int) -> NonFiniteGradientError:
+    def error(self, checkpoint_step: Optional[int]) -> NonFiniteGradientError:
+        saved = "" if checkpoint_step is None else f" and a checkpoint was saved at step {checkpoint_step}"
         return NonFiniteGradientError(
-            f"{self.state['skipped_in_row']} optimizer steps in a row had non-finite gradients "
-            f"(train.max_skipped_steps={self.max_in_row}); the weights were left untouched and a checkpoint was "
-            f"saved at step {checkpoint_step}. Lower train.lr, check the reward scale, or use model.compute_dtype=fp32."
+            f"{self.name}: {self.state[self.in_row]} optimizer steps in a row had non-finite gradients "
+            f"(train.max_skipped_steps={self.max_in_row}); the weights were left untouched{saved}. "
+            "Lower the learning rate, check the reward scale, or use model.compute_dtype=fp32."
         )

@@ -1,9 +1,12 @@
-"""Optimizer and learning-rate schedule."""
+"""Optimizer, learning-rate schedule, and the one clip-and-step every trained model uses."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from rlhf.trainers.guards import NonFiniteGradients
 
 
 def build_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
@@ -32,3 +35,42 @@ def build_scheduler(optimizer: torch.optim.Optimizer, tcfg, total_steps: int) ->
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Trainable:
+    """A model one step trains: as prepared by accelerate (`model`, a DDP/FSDP/DeepSpeed wrapper or the
+    module itself), its optimizer, its learning-rate schedule and its guard against NaN/inf gradients."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    guard: NonFiniteGradients
+    max_grad_norm: float
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def clip_and_step(self, accelerator) -> float:
+        """`clip_and_step` of this model; returns the gradient norm before clipping."""
+        return clip_and_step(accelerator, self.params, self.optimizer, self.scheduler, self.max_grad_norm, self.guard)
+
+
+def clip_and_step(accelerator, params: list[torch.nn.Parameter], optimizer, scheduler, max_grad_norm: float,
+                  guard: NonFiniteGradients) -> float:
+    """Clip the gradients to `max_grad_norm` (0: no clipping), then step the optimizer and the schedule unless
+    the norm is NaN/inf (counted by `guard`: the weights, the optimizer state and the schedule stay as
+    they were), and zero the gradients. Returns the gradient norm before clipping.
+
+    Under DeepSpeed the engine has already clipped (gradient_clipping = max_grad_norm) and stepped inside
+    the last `backward`; this reads its norm, and `optimizer.step` is a no-op. DeepSpeed applies a
+    non-finite fp32 gradient: the guard then only counts it and stops the run.
+    """
+    norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    grad_norm = float("nan") if norm is None else float(norm)
+    if guard.record(grad_norm):
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

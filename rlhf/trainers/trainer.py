@@ -1,51 +1,69 @@
-"""The RL trainer: one loop for the policy-gradient family (GRPO, RLOO, REINFORCE, ...) and PPO, on accelerate.
+"""The RL trainer: builds the pieces, runs one RL step after another, checkpoints and resumes.
 
-One step, top to bottom (see `Trainer.step`):
+One step, top to bottom (`Trainer.step`), a pipeline of plain functions over explicit arguments:
 
-    prompts_B -> engine.generate (G each) -> rewards -> no-grad old/ref log-probs (+ critic values)
-    -> per-token rewards (score at the last token - beta * KL when in the reward) -> advantages
-    -> for each pass: for each mini-batch: micro-batch loss, backward, optimizer step (policy, then critic)
-    -> KL controller -> engine.update_weights -> metrics.jsonl
+    rollout            prompts -> engine (G completions each) -> rewards (+ DAPO rounds)   rlhf.rollout
+    batch_logprobs     log pi_old (only when needed), log pi_ref (kl.coef > 0)            rlhf.trainers.forward
+    batch_values       V(s_t) (actor-critic only)
+    token_rewards      score on the last token (- beta KL_t when the KL is in the reward)  rlhf.trainers.rewards
+    advantages         ADVANTAGES[algo.advantage] (+ whitening)
+    update             epochs x mini-batches x micro-batches, policy and critic losses   rlhf.trainers.update
+                       (npg / trpo: one natural-gradient step instead, rlhf.trainers.natural)
+    sync               engine.update_weights(policy); metrics -> metrics.jsonl
 
-PPO is this loop with a critic (`rlhf.trainers.critic`, built when `algo.advantage` needs values).
-
-Algorithms come from the registries in `rlhf.algos`, picked by name in the config.
+Algorithms come from the registries in `rlhf.algos`, picked by name in the config; PPO is this
+step with a critic (`rlhf.trainers.critic`). Helpers never see the trainer: they take the runtime
+(`rlhf.runtime.Runtime`) and what they compute on.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from rlhf import algos
-from rlhf.algos import AdvantageInputs
-from rlhf.algos.combos import check_combination, critic_type
+from rlhf.algos.combos import check_combination, critic_type, old_logp_source
 from rlhf.algos.kl_control import KLController
 from rlhf.config import Config, to_dict
 from rlhf.data import PromptSource, load_prompt_dataset
-from rlhf.engine import ENGINES, SamplingParams
+from rlhf.engine import ENGINES
 from rlhf.logging import JsonlWriter, PhaseTimer, Progress, quiet_repeated_warnings, warn_about_step
 from rlhf.models.loading import load_policy, load_reference, load_tokenizer
-from rlhf.models.logprobs import sample_logprobs
 from rlhf.models.precision import Bf16Weights
 from rlhf.redact import redact
 from rlhf.rewards import RewardModule
-from rlhf.trainers import checkpoint as ckpt
-from rlhf.trainers.critic import Critic
-from rlhf.trainers.host import set_malloc_mmap_threshold
-from rlhf.trainers import distributed as dist
-from rlhf.trainers.experience import Experience, completion_mask, pad_rows, score_at_last_token
-from rlhf.trainers.guards import NonFiniteGradients, Preemption
-from rlhf.trainers.optim import build_optimizer, build_scheduler
+from rlhf.rollout import RolloutSource, Samples, rollout
+from rlhf.runtime import Runtime
 from rlhf.trackers import Trackers, make_accelerator
-from rlhf.trainers.sampling import collect
-from rlhf.trainers.updates import BatchUpdater
+from rlhf.trainers import checkpoint as ckpt
+from rlhf.trainers import distributed as dist
+from rlhf.trainers.critic import build_critic
+from rlhf.trainers.experience import Experience
+from rlhf.trainers.forward import ForwardSpec, batch_logprobs, batch_values
+from rlhf.trainers.guards import NonFiniteGradients, Preemption
+from rlhf.trainers.host import set_malloc_mmap_threshold
+from rlhf.trainers.metrics import batch_metrics, completion_rows, critic_metrics, sequence_kl, step_records
+from rlhf.trainers.natural import PolicyBatch
+from rlhf.trainers.optim import Trainable, build_optimizer, build_scheduler
+from rlhf.trainers.rewards import advantages, token_rewards
+from rlhf.trainers.update import Losses, update
+
+
+@dataclass
+class BatchInfo:
+    """What a step logs about its batch besides the experience: the samples (texts, per-function rewards),
+    the reward functions' counters, and the batch's own metrics (KL in the reward, DAPO rounds)."""
+
+    samples: Samples
+    reward_stats: dict
+    metrics: dict
 
 
 def check_algorithm(cfg: Config, has_critic: bool = False) -> None:
@@ -53,15 +71,38 @@ def check_algorithm(cfg: Config, has_critic: bool = False) -> None:
     check_combination(cfg, has_critic)
 
 
+def build_losses(cfg: Config) -> Losses:
+    """The registered pieces of the loss picked by `cfg.algo` (beta is set per step: it may adapt)."""
+    a = cfg.algo
+    return Losses(policy_loss=algos.POLICY_LOSSES.get(a.policy_loss), aggregate=algos.LOSS_AGGREGATIONS.get(a.loss_agg),
+                  kl=algos.KL_ESTIMATORS.get(a.kl.estimator), is_correction=algos.IS_CORRECTIONS.get(a.is_correction),
+                  algo=a, extra=algos.UPDATES.get(a.update)(a).extra, value_clip=cfg.critic.value_clip,
+                  max_new_tokens=cfg.generation.max_new_tokens)
+
+
+def build_prompts(cfg: Config, tokenizer, dataset=None) -> PromptSource:
+    """The training prompts: `dataset` (a `datasets.Dataset`) or `data.train` (a task, file or directory)."""
+    d = cfg.data
+    ds = dataset if dataset is not None else load_prompt_dataset(d.train, "train", d.task_args, cfg.train.seed)
+    name = d.train if dataset is None else "train_dataset"
+    return PromptSource(ds, tokenizer, name=name, prompt_column=d.prompt_column, max_prompt_tokens=d.max_prompt_tokens,
+                        on_long_prompt=d.on_long_prompt, shuffle=d.shuffle, seed=cfg.train.seed)
+
+
 class Trainer:
-    def __init__(self, cfg: Config, accelerator: Optional[Accelerator] = None):
+    """`Trainer(cfg).train()`; see the module docstring for one step."""
+
+    def __init__(self, cfg: Config, accelerator: Optional[Accelerator] = None, *,
+                 reward_funcs: Optional[Sequence[Callable]] = None, train_dataset=None):
         self.cfg = cfg
         self.acc = accelerator or make_accelerator(cfg)  # an accelerator passed in brings its own trackers
+        self.rt = rt = Runtime(self.acc, cfg.train.micro_batch_size)
         self.layout = dist.layout(self.acc)  # single, ddp, zero2, zero3 or fsdp2
         cfg.validate(self.acc.num_processes)
         dist.check_layout(cfg, self.acc, self.layout)
         quiet_repeated_warnings()
-        check_algorithm(cfg, has_critic=critic_type(cfg) != "none")
+        kind = critic_type(cfg)
+        check_algorithm(cfg, has_critic=kind != "none")
         set_seed(cfg.train.seed, device_specific=True)
         set_malloc_mmap_threshold(cfg.train.malloc_mmap_threshold_mb)  # before the models allocate
         self.out = Path(cfg.output_dir)
@@ -69,17 +110,14 @@ class Trainer:
         self.log(f"{cfg.derived_summary(self.acc.num_processes)} | layout {self.layout}")
 
         # Cheap, error-prone inputs first: rewards and data fail before the model loads.
-        self.rewards = RewardModule(cfg.reward.functions, cfg.reward.on_error, cfg.reward.timeout_s)
+        specs = cfg.reward.functions if reward_funcs is None else reward_funcs
+        self.rewards = RewardModule(specs, cfg.reward.on_error, cfg.reward.timeout_s)
         self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-        d = cfg.data
-        self.prompts = PromptSource(
-            load_prompt_dataset(d.train, "train", d.task_args, cfg.train.seed), self.tokenizer, name=d.train,
-            prompt_column=d.prompt_column, max_prompt_tokens=d.max_prompt_tokens, on_long_prompt=d.on_long_prompt,
-            shuffle=d.shuffle, seed=cfg.train.seed,
-        )
+        self.prompts = build_prompts(cfg, self.tokenizer, train_dataset)
         if self.prompts.stats["prompts/too_long"]:
-            self.log(f"data: {self.prompts.stats} (data.on_long_prompt={d.on_long_prompt})")
+            self.log(f"data: {self.prompts.stats} (data.on_long_prompt={cfg.data.on_long_prompt})")
 
+        self.state = {"step": 0, "opt_step": 0}
         with dist.whole_loading(self.layout):
             policy = load_policy(cfg.model)
             self.ref = load_reference(cfg.model, policy, cfg.algo.kl.coef)  # frozen, whole on every process
@@ -91,35 +129,32 @@ class Trainer:
         self.total_opt_steps = cfg.train.steps * cfg.train.updates_per_batch * cfg.train.mini_batches_per_pass
         if self.layout in ("zero2", "zero3"):
             dist.configure_deepspeed(cfg, self.acc)
-        self.model, self.optimizer = self.acc.prepare(policy, optimizer)
+        self.model, optimizer = self.acc.prepare(policy, optimizer)
         # on the optimizer that steps (DeepSpeed wraps it, or swaps in its CPU Adam when offloading)
-        self.scheduler = build_scheduler(dist.inner_optimizer(self.optimizer), cfg.train, self.total_opt_steps)
+        scheduler = build_scheduler(dist.inner_optimizer(optimizer), cfg.train, self.total_opt_steps)
+        self.policy = Trainable(self.model, optimizer, scheduler, NonFiniteGradients(self.state, cfg.train.max_skipped_steps),
+                                cfg.train.max_grad_norm)
         self.engine = ENGINES.get(cfg.generation.engine)(self.whole_model, self.tokenizer, cfg)
         if getattr(self.engine, "decoder", None) is not None and self.layout in ("single", "ddp"):
             # the HF engine's decode loop casts the policy's linear weights to bf16 at every sync: the next forwards reuse them
-            Bf16Weights(self.unwrapped, dist.inner_optimizer(self.optimizer))
-        g = cfg.generation
-        self.sampling = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k)
-
-        self.adv_fn = algos.ADVANTAGES.get(cfg.algo.advantage)
-        self.loss_fn = algos.POLICY_LOSSES.get(cfg.algo.policy_loss)
-        self.agg_fn = algos.LOSS_AGGREGATIONS.get(cfg.algo.loss_agg)
-        self.kl_fn = algos.KL_ESTIMATORS.get(cfg.algo.kl.estimator)
-        self.is_fn = algos.IS_CORRECTIONS.get(cfg.algo.is_correction)
+            Bf16Weights(self.unwrapped, dist.inner_optimizer(optimizer))
         # sampler log-probs: needed by an IS correction, and free from engines that declare them (gap metric)
-        self.want_sampler_logps = cfg.algo.is_correction != "none" or ENGINES.meta(g.engine).get("sampler_logps", False)
-        self.update_fn = algos.UPDATES.get(cfg.algo.update)
-        self.state = {"step": 0, "opt_step": 0}
-        self.nonfinite = NonFiniteGradients(self.state, cfg.train.max_skipped_steps)
+        want_logps = cfg.algo.is_correction != "none" or ENGINES.meta(cfg.generation.engine).get("sampler_logps", False)
+        self.source = RolloutSource(self.prompts, self.engine, self.rewards, self.tokenizer, return_logps=want_logps)
+        self.fwd = ForwardSpec(self.tokenizer.pad_token_id, cfg.generation.temperature, cfg.model.compute_dtype,
+                               self.acc.device, cfg.train.pack_prompts)
+        self.losses, self.adv_fn = build_losses(cfg), algos.ADVANTAGES.get(cfg.algo.advantage)
+        self.natural = algos.UPDATES.get(cfg.algo.update)(cfg.algo).natural  # npg / trpo: the natural-gradient branch
+        self.old_logp = old_logp_source(cfg)  # 'forward', 'first_pass' or 'none': decided once
         # Everything a checkpoint saves and a resume restores: the policy, and the critic and an adaptive KL controller.
         # zero2/zero3/fsdp2: the optimizer is saved per process (distributed.save_sharded); "policy" holds whole weights.
-        self.stateful = {"policy": self.whole_model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        self.stateful = {"policy": self.whole_model, "optimizer": optimizer, "scheduler": scheduler}
         if dist.shards_optimizer(self.layout):
             del self.stateful["optimizer"]
-        kind = critic_type(cfg)
-        self.critic = Critic(self, kind) if kind != "none" else None
+        self.critic = build_critic(cfg, kind, self.unwrapped, self.acc, self.total_opt_steps, self.state) if kind != "none" else None
         if self.critic is not None:
-            self.stateful.update(self.critic.stateful)
+            self.stateful.update(critic=self.acc.unwrap_model(self.critic.model), critic_optimizer=self.critic.optimizer,
+                                 critic_scheduler=self.critic.scheduler)
         k = cfg.algo.kl
         self.kl_ctl = KLController(k.coef, k.target, k.horizon)
         if k.target is not None:  # an adaptive beta is state; a fixed one is config
@@ -128,8 +163,6 @@ class Trainer:
         self.completions = JsonlWriter(self.out / "completions.jsonl")
         self._saved_step: Optional[int] = None
         self.trackers = Trackers(cfg, self.acc)
-
-    # ------------------------------------------------------------------ helpers
 
     @property
     def is_main(self) -> bool:
@@ -155,163 +188,84 @@ class Trainer:
             dist.gather_into(self.full, self.unwrapped, self.layout)
         self.engine.update_weights(self.whole_model)
 
-    def _reduce_sum(self, x: float) -> float:
-        return float(self.acc.reduce(torch.tensor(float(x), device=self.acc.device), "sum"))
-
-    def _chunks(self, rows: list[int]):
-        mbs = self.cfg.train.micro_batch_size
-        return [rows[i: i + mbs] for i in range(0, len(rows), mbs)]
-
-    def _forward(self, model: torch.nn.Module, exp: Experience, entropy: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(logp_NT, entropy_NT) of `exp`'s completions under `model` (entropy_NT None unless `entropy`)."""
-        return sample_logprobs(
-            model, exp.prompt_ids, exp.completion_ids, self.tokenizer.pad_token_id, temperature=self.cfg.generation.temperature,
-            compute_dtype=self.cfg.model.compute_dtype, device=self.acc.device, pack_prompts=self.cfg.train.pack_prompts,
-            entropy=entropy,
-        )
-
-    @torch.no_grad()
-    def _logprobs(self, exp: Experience, reference: bool) -> torch.Tensor:
-        """Log-probs of every completion token under the policy (or the reference), micro-batched."""
-        logp_NT = torch.zeros_like(exp.mask_NT)
-        use_adapter_off = reference and self.ref is None  # LoRA: the reference is the base network
-        model = self.ref if (reference and self.ref is not None) else self.unwrapped
-        ctx = self.unwrapped.disable_adapter() if use_adapter_off else contextlib.nullcontext()
-        model.eval()
-        with ctx:
-            for rows in self._chunks(list(range(len(exp)))):
-                lp, _ = self._forward(model, exp.select(rows), entropy=False)
-                logp_NT[rows, : lp.shape[1]] = lp.float().cpu()
-        self.unwrapped.train()
-        return logp_NT
-
     # ------------------------------------------------------------------ the step
-
-    def make_experience(self, timer: PhaseTimer) -> tuple[Experience, dict]:
-        cfg, G = self.cfg, self.cfg.train.samples_per_prompt
-        samples, reward_stats, sampling_metrics = collect(self, timer)  # generate + reward (+ DAPO shaping)
-        self.engine.sleep()  # frees the GPU for training where the engine supports it
-        mask_NT = completion_mask(samples.completion_ids)
-        exp = Experience(samples.prompt_ids, samples.completion_ids, mask_NT, samples.scores_N)
-        if samples.sampler_logps is not None:
-            exp.sampler_logp_NT = pad_rows(samples.sampler_logps, mask_NT.shape[1])
-        if cfg.algo.mask_truncated:  # completions cut at max_new_tokens take no part in the loss
-            exp.loss_mask_NT = mask_NT * torch.tensor(samples.finished, dtype=mask_NT.dtype).unsqueeze(-1)
-        with timer("logprob"):
-            # Old log-probs are otherwise taken from the first update pass, before any optimizer step
-            # (impossible with several mini-batches: the second is seen after the first step).
-            if cfg.algo.kl.placement == "in_reward" or cfg.train.mini_batches_per_pass > 1 or cfg.algo.kl.target is not None:
-                exp.old_logp_NT = self._logprobs(exp, reference=False)
-            if cfg.algo.kl.coef > 0:
-                exp.ref_logp_NT = self._logprobs(exp, reference=True)
-        if self.critic is not None:
-            with timer("values"):
-                exp.values_NT = self.critic.values(exp)
-        rewards_NT = score_at_last_token(exp.scores_N, mask_NT)
-        kl_reward = None
-        if cfg.algo.kl.coef > 0 and cfg.algo.kl.placement == "in_reward":  # PPO: r_t = score [t = last] - beta KL_t
-            kl_NT = self.kl_fn(exp.old_logp_NT, exp.ref_logp_NT) * mask_NT
-            rewards_NT = rewards_NT - self.kl_coef * kl_NT
-            kl_reward = self._reduce_sum(kl_NT.sum()) / max(1.0, self._reduce_sum(mask_NT.sum()))  # over all processes
-        exp.rewards_NT = rewards_NT
-        exp.adv_NT, exp.ret_NT = self.adv_fn(AdvantageInputs(rewards_NT, mask_NT, G, exp.values_NT), cfg.algo)
-        if cfg.algo.whiten_advantages:
-            exp.adv_NT = self._whiten(exp.adv_NT, exp.train_mask_NT)
-        info = {"texts": samples.texts, "prompts": samples.prompts, "per_fn": samples.per_fn, "reward_stats": reward_stats,
-                "finished": samples.finished, "kl_reward": kl_reward, "sampling": sampling_metrics}
-        return exp, info
-
-    def _whiten(self, adv_NT: torch.Tensor, mask_NT: torch.Tensor) -> torch.Tensor:
-        """(A - mean) / std over the loss tokens of every process."""
-        n, s1, s2 = (self._reduce_sum(x) for x in (mask_NT.sum(), (adv_NT * mask_NT).sum(), (adv_NT ** 2 * mask_NT).sum()))
-        mean = s1 / max(n, 1.0)
-        std = max(s2 / max(n, 1.0) - mean ** 2, 0.0) ** 0.5
-        return (adv_NT - mean) / (std + 1e-8) * mask_NT
-
-    def _update(self, exp: Experience) -> list[dict]:
-        """The policy's update (algo.update), then the critic's; one merged record per optimizer step."""
-        frozen = self.critic is not None and self.state["step"] < self.cfg.critic.warmup_steps  # critic warm-up
-        updates = [] if frozen else self.update_fn(BatchUpdater(self, exp), self.cfg.algo)
-        if self.critic is None:
-            return updates
-        critic = self.critic.update(exp)
-        if frozen:
-            return [{"policy_frozen": 1.0, **c} for c in critic]
-        return [{**u, **c} for u, c in zip(updates, critic)] + updates[len(critic):]
 
     def step(self) -> list[dict]:
         """One RL step; returns the metrics records written (one per optimizer step)."""
-        cfg, G = self.cfg, self.cfg.train.samples_per_prompt
         timer, t0 = PhaseTimer(), time.perf_counter()
         exp, info = self.make_experience(timer)
-        with timer("train"):  # the update rule (algo.update) moves the policy on this batch, then the critic learns
-            updates = self._update(exp)
-        self.state["opt_step"] += len(updates)
+        with timer("train"):
+            updates = self.update(exp)
         with timer("sync"):
             self.engine.wake()
             self.sync_weights()
-        self.state["step"] += 1
+        return self.log_step(exp, info, updates, timer, t0)
 
-        scores = self.acc.gather(exp.scores_N.to(self.acc.device)).float().cpu()
-        lens = self.acc.gather(exp.mask_NT.sum(-1).to(self.acc.device)).float().cpu()
-        finished = self.acc.gather(torch.tensor(info["finished"], device=self.acc.device)).cpu()
-        valid = torch.isfinite(scores)
-        group_std = torch.nan_to_num(scores.view(-1, G), nan=0.0).std(-1)
-        batch_metrics = {
-            "reward/mean": float(scores[valid].mean()) if valid.any() else float("nan"),
-            "reward/std": float(scores[valid].std()) if valid.sum() > 1 else 0.0,
-            "frac_zero_std": float((group_std == 0).float().mean()),
-            "completion/len_mean": float(lens.mean()),
-            "tokens/total": self._reduce_sum(sum(len(p) + len(c) for p, c in zip(exp.prompt_ids, exp.completion_ids))),
-            "completion/truncated_frac": float((~finished).float().mean()),
-            "world_size": self.acc.num_processes, "skipped_steps": self.state["skipped_steps"], **self.prompts.stats,
-        }
-        for name, values in info["per_fn"].items():
-            v = self.acc.gather(torch.tensor([float("nan") if x is None else x for x in values], device=self.acc.device))
-            batch_metrics[f"reward/{name}/mean"] = float(v[torch.isfinite(v)].mean()) if torch.isfinite(v).any() else None
-        batch_metrics.update({k: self._reduce_sum(v) for k, v in info["reward_stats"].items() if k.endswith(("unscored", "errors", "timeouts"))})
-        if info["kl_reward"] is not None:
-            batch_metrics["kl_in_reward"] = info["kl_reward"]
-        if cfg.algo.kl.coef > 0:  # beta used this step; an adaptive controller then moves it by the sequence KL
-            batch_metrics["kl_coef"] = self.kl_coef
-            if cfg.algo.kl.target is not None:
-                batch_metrics["kl_seq"] = self._sequence_kl(exp)
-                self.kl_ctl.update(batch_metrics["kl_seq"], cfg.samples_per_step)
+    def make_experience(self, timer: PhaseTimer) -> tuple[Experience, "BatchInfo"]:
+        """Generate and score a batch, then everything the update reads: log-probs, values, rewards, advantages."""
+        cfg, rt, kl = self.cfg, self.rt, self.cfg.algo.kl
+        samples, reward_stats, round_metrics = rollout(self.source, cfg, rt, timer)  # generate + score (+ DAPO rounds)
+        self.engine.sleep()  # frees the GPU for training where the engine supports it
+        exp = Experience.from_samples(samples, cfg.algo.mask_truncated)
+        with timer("logprob"):
+            if self.old_logp == "forward":  # else taken from the update's first pass, or pi_old = pi
+                exp.old_logp_NT = batch_logprobs(self.unwrapped, exp, self.fwd, rt)
+            if kl.coef > 0:  # LoRA: the reference is the policy with its adapter off
+                exp.ref_logp_NT = batch_logprobs(self.ref or self.unwrapped, exp, self.fwd, rt, adapter_off=self.ref is None)
         if self.critic is not None:
-            batch_metrics.update(self.critic.batch_metrics(exp))
-        batch_metrics.update(info["sampling"])
-        # The first record of a step carries the step's timings; later ones (updates_per_batch > 1) carry 0.
+            with timer("values"):
+                exp.values_NT = batch_values(self.acc.unwrap_model(self.critic.model), exp, self.fwd, rt)
+        exp.rewards_NT, kl_in_reward = token_rewards(exp, self.losses.kl, self.kl_coef, kl.placement == "in_reward", rt)
+        exp.adv_NT, exp.ret_NT = advantages(exp, self.adv_fn, cfg.algo, cfg.train.samples_per_prompt, rt)
+        extra = {"kl_in_reward": kl_in_reward} if kl_in_reward is not None else {}
+        return exp, BatchInfo(samples, reward_stats, {**extra, **round_metrics})
+
+    def update(self, exp: Experience) -> list[dict]:
+        """The policy's and the critic's optimizer steps on `exp`: the one update loop, or a natural-gradient step
+        of the policy (npg, trpo) and the loop for the critic. One record per optimizer step."""
+        cfg, rt = self.cfg, self.rt
+        frozen = self.critic is not None and self.state["step"] < cfg.critic.warmup_steps  # the critic's warm-up
+        L = dataclasses.replace(self.losses, beta=self.kl_coef if cfg.algo.kl.placement == "in_loss" else 0.0)
+        first_order = self.policy if not (frozen or self.natural) else None
+        records = []
+        if first_order is not None or self.critic is not None:
+            records = update(exp, first_order, self.critic, L, self.fwd, cfg.train, rt,
+                             capture_old=self.old_logp == "first_pass" and first_order is not None)
+        if self.natural is not None and not frozen:
+            problem = PolicyBatch(self.unwrapped, exp, L, self.fwd, rt, self.policy.guard, cfg.algo.natural.fisher_samples,
+                                  capture_old=self.old_logp == "first_pass")
+            step = self.natural(problem, cfg.algo)
+            records = [{**step, **r} for r in records] or [step]
+        return [{"policy_frozen": 1.0, **r} for r in records] if frozen else records
+
+    def log_step(self, exp: Experience, info: "BatchInfo", updates: list[dict], timer: PhaseTimer, t0: float) -> list[dict]:
+        """Count the step, assemble its records, write them (metrics.jsonl, trackers, completions); return them."""
+        cfg, rt = self.cfg, self.rt
+        self.state["opt_step"] += len(updates)
+        self.state["step"] += 1
+        batch = batch_metrics(exp, info.samples, info.reward_stats, cfg.train.samples_per_prompt, rt)
+        batch.update({"world_size": rt.num_processes, "skipped_steps": self.state["skipped_steps"], **self.prompts.stats})
+        batch.update(info.metrics)
+        if cfg.algo.kl.coef > 0:  # beta used this step; an adaptive controller then moves it by the sequence KL
+            batch["kl_coef"] = self.kl_coef
+            if cfg.algo.kl.target is not None:
+                batch["kl_seq"] = sequence_kl(self.losses.kl, exp, rt)
+                self.kl_ctl.update(batch["kl_seq"], cfg.samples_per_step)
+        if self.critic is not None:
+            batch.update({**critic_metrics(exp, rt), "critic/skipped_steps": self.state["critic/skipped_steps"]})
         times = {f"time/{k}_s": v for k, v in timer.seconds.items()}
         times["time/step_s"] = time.perf_counter() - t0
-        records = []
-        for i, upd in enumerate(updates):
-            rec = {"step": self.state["step"], "opt_step": self.state["opt_step"] - len(updates) + i + 1, **batch_metrics, **upd}
-            rec.update({k: (v if i == 0 else 0.0) for k, v in times.items()})
-            records.append(rec)
+        records = step_records(self.state["step"], self.state["opt_step"] - len(updates) + 1, batch, updates, times)
         if self.is_main:
             for rec in records:
                 self.metrics.write(rec)
             self.trackers.log(records)
             warn_about_step(records[0], group_relative=bool(algos.ADVANTAGES.meta(cfg.algo.advantage).get("group_relative")))
-            self.trackers.log_completions(self._write_completions(exp, info), self.state["step"], records[-1]["opt_step"])
+            rows = completion_rows(self.state["step"], exp, info.samples, cfg.log.completions_per_step)
+            for row in rows:
+                self.completions.write(row)
+            self.trackers.log_completions(rows, self.state["step"], records[-1]["opt_step"])
         return records
-
-    def _sequence_kl(self, exp: Experience) -> float:
-        """Mean over samples (all processes) of sum_t KL_t(pi_old || pi_ref): the adaptive controller's measure."""
-        kl_NT = self.kl_fn(exp.old_logp_NT, exp.ref_logp_NT) * exp.mask_NT
-        return self._reduce_sum(kl_NT.sum()) / max(1.0, self._reduce_sum(len(exp)))
-
-    def _write_completions(self, exp: Experience, info: dict) -> list[dict]:
-        rows = []
-        for i in range(min(self.cfg.log.completions_per_step, len(exp))):
-            prompt = info["prompts"][i]
-            rows.append({
-                "step": self.state["step"], "prompt": prompt if isinstance(prompt, str) else json.dumps(prompt),
-                "completion": info["texts"][i], "reward": float(exp.scores_N[i]),
-                **{f"reward/{k}": v[i] for k, v in info["per_fn"].items()}, "advantage": float(exp.adv_NT[i, 0]),
-            })
-            self.completions.write(rows[-1])
-        return rows
 
     # ------------------------------------------------------------------ the loop
 
@@ -325,6 +279,7 @@ class Trainer:
         progress = Progress(cfg.train.steps, cfg.log.progress and self.is_main, start=self.state["step"])
         history = []
         preemption = Preemption().install()
+        guards = [self.policy.guard] + ([self.critic.guard] if self.critic is not None else [])
         try:
             while self.state["step"] < cfg.train.steps:
                 records = self.step()
@@ -332,10 +287,11 @@ class Trainer:
                 if self.is_main:
                     progress.update(records[0])
                 stop, every = preemption.requested(self.acc), cfg.checkpoint.every
-                if stop or self.nonfinite.exceeded or (every and self.state["step"] % every == 0):
+                exceeded = next((g for g in guards if g.exceeded), None)
+                if stop or exceeded or (every and self.state["step"] % every == 0):
                     self.save_checkpoint()
-                if self.nonfinite.exceeded:
-                    raise self.nonfinite.error(self.state["step"])
+                if exceeded:
+                    raise exceeded.error(self.state["step"])
                 if stop:
                     self.log(f"{preemption.name}: saved a checkpoint at step {self.state['step']}; exiting "
                              "(continue with checkpoint.resume=latest)")
@@ -355,7 +311,7 @@ class Trainer:
         step = self.state["step"]
         ckpt.write_rank_files(root, step, self.acc.process_index)
         if dist.shards_optimizer(self.layout):
-            dist.save_sharded(self.model, self.optimizer, ckpt.staging_dir(root, step) / dist.SHARDED_DIR, self.layout)
+            dist.save_sharded(self.model, self.policy.optimizer, ckpt.staging_dir(root, step) / dist.SHARDED_DIR, self.layout)
         self.acc.wait_for_everyone()
         if self.is_main:
             state = {**self.state, "data": self.prompts.state(), "layout": self.layout, "world_size": self.acc.num_processes}
@@ -377,7 +333,7 @@ class Trainer:
             if (layout, world) != (self.layout, self.acc.num_processes):
                 raise ckpt.CheckpointError(f"{path} was written by {world} process(es) under {layout}; a sharded "
                                            f"checkpoint resumes only with the same layout, not {self.acc.num_processes} under {self.layout}")
-            dist.load_sharded(self.model, self.optimizer, path / dist.SHARDED_DIR, self.layout)
+            dist.load_sharded(self.model, self.policy.optimizer, path / dist.SHARDED_DIR, self.layout)
         self.prompts.load_state(state.pop("data"))
         self.state.update(state)
         self._saved_step = self.state["step"]

@@ -17,7 +17,7 @@ if __name__ == "__main__":
     flat = lambda m: torch.cat([p.detach().reshape(-1).clone() for p in m.parameters() if p.requires_grad])  # noqa: E731
     models = {"": lambda: trainer.unwrapped}
     if getattr(trainer, "critic", None) is not None:
-        models["critic_"] = lambda: trainer.critic.unwrapped
+        models["critic_"] = lambda: trainer.acc.unwrap_model(trainer.critic.model)
     before = {k: flat(m()) for k, m in models.items()}
     records = trainer.train()
     result = {"world_size": acc.num_processes, "records": records}

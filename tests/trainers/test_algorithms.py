@@ -13,7 +13,7 @@ from rlhf.config import ConfigError, load_config
 from rlhf.logging import PhaseTimer
 from rlhf.models.logprobs import sample_log_softmax
 from rlhf.trainers import Trainer
-from rlhf.trainers.updates import BatchUpdater
+from rlhf.trainers.natural import PolicyBatch
 
 DENSE_REWARD = '''
 def dense(prompts, completions, completion_ids, **kwargs):
@@ -27,6 +27,12 @@ def by_kind(prompts, completions, completion_ids, kind, **kwargs):
 def zero(prompts, completions, completion_ids, **kwargs):
     return [0.0] * len(completions)
 '''
+
+
+def policy_batch(trainer, exp, capture_old=True):
+    """The natural-gradient view of `exp` on the trainer's policy (rlhf.trainers.natural)."""
+    return PolicyBatch(trainer.unwrapped, exp, trainer.losses, trainer.fwd, trainer.rt, trainer.policy.guard,
+                       trainer.cfg.algo.natural.fisher_samples, capture_old)
 
 
 @pytest.fixture
@@ -133,7 +139,7 @@ def test_trpo_step_keeps_the_measured_kl_within_delta(tiny_cfg, rewards):
     trainer = Trainer(tiny_cfg(rewards("dense"), "algo.update=trpo", f"algo.natural.max_kl={delta}", "algo.kl.coef=0"))
     exp, _ = trainer.make_experience(PhaseTimer())
     old_model = copy.deepcopy(trainer.unwrapped)
-    (record,) = trainer.update_fn(BatchUpdater(trainer, exp), trainer.cfg.algo)
+    (record,) = trainer.update(exp)
     assert record["natural/accepted"] == 1.0
     kl = batch_kl(old_model, trainer.unwrapped, trainer, exp)
     assert 0 < kl <= delta * (1 + 1e-4), kl
@@ -145,7 +151,7 @@ def test_trpo_line_search_rejects_a_step_that_violates_the_kl_budget(tiny_cfg, r
     delta = 0.002
     trainer = Trainer(tiny_cfg(rewards("dense"), "algo.update=trpo", "algo.kl.coef=0"))
     exp, _ = trainer.make_experience(PhaseTimer())
-    problem = BatchUpdater(trainer, exp)
+    problem = policy_batch(trainer, exp)
     theta_old = problem.flat_params()
     g, _ = problem.loss_and_grad()
     step = natural_step(g, problem.fisher_vector_product(), max_kl=delta, cg_iters=10, damping=0.01)
@@ -174,7 +180,7 @@ def test_npg_step_spends_the_kl_budget(tiny_cfg, rewards):
                                "algo.natural.damping=0.001", "algo.natural.cg_iters=20"))
     exp, _ = trainer.make_experience(PhaseTimer())
     old_model = copy.deepcopy(trainer.unwrapped)
-    (record,) = trainer.update_fn(BatchUpdater(trainer, exp), trainer.cfg.algo)
+    (record,) = trainer.update(exp)
     kl = batch_kl(old_model, trainer.unwrapped, trainer, exp)
     assert 0.5 * delta < kl < 1.5 * delta, kl
     assert record["natural/improvement"] > 0 and record["natural/expected_improvement"] > 0
@@ -183,7 +189,7 @@ def test_npg_step_spends_the_kl_budget(tiny_cfg, rewards):
 def test_fisher_subsample_uses_fewer_rows(tiny_cfg, rewards):
     trainer = Trainer(tiny_cfg(rewards("dense"), "algo.update=npg", "algo.natural.fisher_samples=2"))
     exp, _ = trainer.make_experience(PhaseTimer())
-    assert BatchUpdater(trainer, exp)._fisher_rows() == [0, 4]  # evenly spread over the 8 samples
+    assert policy_batch(trainer, exp)._fisher_rows() == [0, 4]  # evenly spread over the 8 samples
 
 
 # ---------------------------------------------------------------------------- mdpo
@@ -210,8 +216,8 @@ def test_kl_in_reward_shapes_the_advantages(tiny_cfg, rewards):
     trainer.step()  # move away from the reference so the KL is non-zero
     torch.manual_seed(0)
     exp, info = trainer.make_experience(PhaseTimer())
-    assert info["kl_reward"] != 0
-    kl_NT = trainer.kl_fn(exp.old_logp_NT, exp.ref_logp_NT) * exp.mask_NT
+    assert info.metrics["kl_in_reward"] != 0
+    kl_NT = trainer.losses.kl(exp.old_logp_NT, exp.ref_logp_NT) * exp.mask_NT
     # reinforce with gamma = 1: the advantage of token t is the score minus beta * (KL of tokens t..end)
     future_kl_NT = kl_NT.flip(-1).cumsum(-1).flip(-1)
     expected = (exp.scores_N.unsqueeze(-1) - 0.5 * future_kl_NT) * exp.mask_NT
@@ -245,7 +251,7 @@ def test_dynamic_sampling_cap_fills_with_dropped_groups(tiny_cfg, rewards, kinds
                                "algo.dynamic_sampling.enabled=true", "algo.dynamic_sampling.max_extra_rounds=0"))
     exp, info = trainer.make_experience(PhaseTimer())
     assert len(exp) == 8  # still prompts_per_step x samples_per_prompt
-    assert info["sampling"]["dynamic_sampling/filled_groups"] == 1 and info["sampling"]["dynamic_sampling/dropped_groups"] == 1
+    assert info.metrics["dynamic_sampling/filled_groups"] == 1 and info.metrics["dynamic_sampling/dropped_groups"] == 1
 
 
 def test_overlong_penalty_is_added_to_the_score(tiny_cfg, rewards):
@@ -254,22 +260,22 @@ def test_overlong_penalty_is_added_to_the_score(tiny_cfg, rewards):
     lengths = torch.tensor([len(c) for c in exp.completion_ids])
     expected = overlong_penalty(lengths, 8, 6, 0.5)
     assert torch.allclose(exp.scores_N, expected) and expected.min() < 0
-    assert info["per_fn"]["overlong_penalty"] == pytest.approx(expected.tolist())
+    assert info.samples.per_fn["overlong_penalty"] == pytest.approx(expected.tolist())
 
 
 def test_mask_truncated_drops_truncated_samples_from_the_loss(tiny_cfg, rewards):
     trainer = Trainer(tiny_cfg(rewards("dense"), "algo.mask_truncated=true", "generation.max_new_tokens=3", "algo.kl.coef=0"))
     exp, info = trainer.make_experience(PhaseTimer())
-    finished = torch.tensor(info["finished"])
+    finished = torch.tensor(info.samples.finished)
     assert (~finished).any(), "no truncated sample to test with"
     assert torch.equal(exp.loss_mask_NT.sum(-1) > 0, finished & (exp.mask_NT.sum(-1) > 0))
-    g_masked, _ = BatchUpdater(trainer, exp).loss_and_grad()
+    g_masked, _ = policy_batch(trainer, exp).loss_and_grad()
     kept = exp.select([i for i in range(len(exp)) if finished[i]]) if finished.any() else None
     if kept is None:  # everything truncated: no gradient at all
         assert torch.count_nonzero(g_masked) == 0
         return
     kept.old_logp_NT = None
-    g_kept, _ = BatchUpdater(trainer, kept).loss_and_grad()
+    g_kept, _ = policy_batch(trainer, kept).loss_and_grad()
     assert torch.allclose(g_masked, g_kept, atol=1e-6)
 
 

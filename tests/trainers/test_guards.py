@@ -133,7 +133,7 @@ def test_non_finite_gradient_steps_are_skipped_and_counted(tiny_cfg, length_rewa
     changed = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)  # noqa: E731
     assert changed(snapshots[0], snapshots[1]) and not changed(snapshots[1], snapshots[2]) and changed(snapshots[2], snapshots[3])
     assert all(torch.isfinite(v).all() for v in snapshots[3].values())
-    for state in trainer.optimizer.state_dict()["state"].values():  # no NaN reached the Adam moments either
+    for state in trainer.policy.optimizer.state_dict()["state"].values():  # no NaN reached the Adam moments either
         assert all(torch.isfinite(t).all() for t in state.values() if torch.is_tensor(t))
     rows = read_jsonl(trainer.out / "metrics.jsonl")
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1]

@@ -63,7 +63,7 @@ def test_resume_continues_exactly(tiny_cfg, yes_reward, tmp_path, variant):
     assert [r["step"] for r in rec_b] == [1, 1, 2, 2, 3, 3, 4, 4]  # two optimizer steps per RL step, none twice
     assert all(r["kl"] is not None for r in rec_a) and rec_a[-1]["kl"] > 0  # the reference matters
     assert_same_run(rec_a, rec_b, trainable(straight), trainable(resumed))
-    assert resumed.scheduler.get_last_lr() == straight.scheduler.get_last_lr()
+    assert resumed.policy.scheduler.get_last_lr() == straight.policy.scheduler.get_last_lr()
     if variant == "lora":
         assert all("lora_" in n for n in trainable(resumed))
 
@@ -121,7 +121,7 @@ def test_ppo_resume_restores_critic_and_kl_controller(tiny_cfg, yes_reward, tmp_
     coefs = [r["kl_coef"] for r in rec_a[::4]]
     assert len(set(coefs)) == 4, coefs  # the adaptive beta moved every step: resuming must restore it
     assert_same_run(rec_a, rec_b, trainable(straight), trainable(resumed))
-    critic = lambda t: {n: p.detach().clone() for n, p in t.critic.unwrapped.named_parameters() if p.requires_grad}  # noqa: E731
+    critic = lambda t: {n: p.detach().clone() for n, p in t.acc.unwrap_model(t.critic.model).named_parameters() if p.requires_grad}  # noqa: E731
     assert_same_run([], [], critic(straight), critic(resumed))
     assert resumed.kl_coef == pytest.approx(straight.kl_coef, abs=1e-12)
     assert resumed.critic.scheduler.get_last_lr() == straight.critic.scheduler.get_last_lr()

@@ -6,7 +6,7 @@ import torch
 from rlhf.config import ConfigError
 from rlhf.logging import PhaseTimer, read_jsonl
 from rlhf.trainers import Trainer
-from rlhf.trainers.updates import BatchUpdater
+from rlhf.trainers.forward import batch_logprobs
 
 REQUIRED = ["step", "reward/mean", "reward/std", "kl", "loss", "completion/len_mean", "time/step_s", "time/generate_s", "time/train_s"]
 
@@ -97,9 +97,9 @@ def test_critic_estimator_rejected_before_loading(tiny_cfg):
 def test_old_logprobs_are_taken_from_the_first_pass(tiny_cfg, yes_reward):
     trainer = Trainer(tiny_cfg(yes_reward, "train.updates_per_batch=3", "algo.kl.coef=0"))
     exp, _ = trainer.make_experience(PhaseTimer())
-    assert exp.old_logp_NT is None  # no separate old-log-prob pass
-    explicit = trainer._logprobs(exp, reference=False)
-    records = trainer.update_fn(BatchUpdater(trainer, exp), trainer.cfg.algo)
+    assert trainer.old_logp == "first_pass" and exp.old_logp_NT is None  # no separate old-log-prob pass
+    explicit = batch_logprobs(trainer.unwrapped, exp, trainer.fwd, trainer.rt)
+    records = trainer.update(exp)
     assert torch.allclose(exp.old_logp_NT, explicit, atol=1e-5)
     assert records[0]["clipfrac"] == 0.0 and len(records) == 3  # pass 1 is exactly on-policy
 
