@@ -42,6 +42,8 @@ class RMTrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
+    max_skipped_steps: int = opt(3, "optimizer steps with NaN/inf gradients are skipped and counted; this many in a row stop "
+                                    "the run with an error (0: never stop)")
     center_rewards_coef: float = opt(0.0, "adds coef * mean((r_chosen + r_rejected)^2), keeping scores centred on 0 (Eisenstein et al. 2023)")
     seed: int = opt(0, "seed for the data order and the score head's initialisation")
 

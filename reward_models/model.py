@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from rlhf.models.export import is_peft, save_model
+from rlhf.models.export import save_model
+from rlhf.models.lora import apply_lora, is_peft
 from rlhf.models.loading import resolve_model_path
 from rlhf.models.precision import autocast
 
@@ -35,18 +36,7 @@ def load_reward_model(mcfg, tokenizer) -> torch.nn.Module:
             model.enable_input_require_grads()
     if not lora.enabled:
         return model
-    from peft import LoraConfig, get_peft_model
-
-    targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
-    peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="SEQ_CLS")
-    try:
-        model = get_peft_model(model, peft_cfg)
-    except ValueError as e:
-        raise ValueError(f"model.lora.target_modules={lora.target_modules}: {e}") from None
-    for p in model.parameters():  # adapters and the score head train in fp32
-        if p.requires_grad:
-            p.data = p.data.float()
-    return model
+    return apply_lora(model, lora, task_type="SEQ_CLS")  # the score head trains in full, beside the adapters
 
 
 def save_reward_model(model: torch.nn.Module, tokenizer, target: Path) -> Path:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rlhf.models.logprobs import _attention_mask
+from rlhf.models.logprobs import attention_mask_4d
 from rlhf.models.precision import autocast
 
 
@@ -99,7 +99,7 @@ def packed_scores(model: torch.nn.Module, packed: PackedGroups, device, compute_
     try:
         with autocast(compute_dtype, device):
             model(input_ids=packed.input_ids_RL.to(device), position_ids=packed.position_ids_RL.to(device),
-                  attention_mask=_attention_mask(base, packed.visible_RLL.to(device), dtype), use_cache=False)
+                  attention_mask=attention_mask_4d(base, packed.visible_RLL.to(device), dtype), use_cache=False)
     finally:
         handle.remove()
     scores_RL = captured[-1][..., 0].float()

@@ -10,7 +10,7 @@ import re
 
 import datasets
 
-from reward_models.rules import first_number
+from rlhf.rewards.rules import first_number
 from rlhf.data.tasks import TASKS
 from rlhf.registry import Registry
 

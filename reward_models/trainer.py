@@ -5,14 +5,14 @@ One optimizer step, top to bottom (see `RewardModelTrainer.step`):
     pairs_per_step pairs (seeded epochs; each process takes its slice)
     -> per micro-batch: one forward over chosen and rejected (packed: one row per pair) -> r_chosen_M, r_rejected_M
     -> loss = mean_M -logsigmoid(r_chosen - r_rejected - margin)  [+ coef * mean (r_chosen + r_rejected)^2]
-    -> backward, clip, optimizer step -> metrics.jsonl (loss, accuracy, margin, lr, grad norm)
+    -> backward, clip, optimizer step (rlhf's one clip-and-step: a NaN/inf gradient is skipped and counted,
+       `train.max_skipped_steps` in a row stop the run) -> metrics.jsonl (loss, accuracy, margin, lr, grad norm)
 
 Held-out pairwise accuracy (the fraction of pairs with r_chosen > r_rejected) is logged as
 `eval/accuracy` every `eval.every` steps and at the end.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
@@ -31,7 +31,9 @@ from reward_models.packing import packed_pair_scores
 from rlhf.config import to_dict
 from rlhf.logging import JsonlWriter
 from rlhf.models.loading import load_tokenizer
-from rlhf.trainers.optim import build_optimizer, build_scheduler
+from rlhf.runtime import Runtime
+from rlhf.trainers.guards import NonFiniteGradients
+from rlhf.trainers.optim import Trainable, build_optimizer, build_scheduler
 
 
 def bradley_terry_loss(r_chosen_M: torch.Tensor, r_rejected_M: torch.Tensor, margin_M: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -63,9 +65,12 @@ class RewardModelTrainer:
 
         model = load_reward_model(cfg.model, self.tokenizer)
         optimizer = build_optimizer(model, cfg.train)
-        self.scheduler = build_scheduler(optimizer, cfg.train, cfg.train.steps)
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.state = {"step": 0, "epoch": 0, "pos": 0, "skipped_steps": 0}
+        scheduler = build_scheduler(optimizer, cfg.train, cfg.train.steps)
+        self.model, optimizer = self.acc.prepare(model, optimizer)
+        self.rt = Runtime(self.acc, cfg.train.micro_batch_size)
+        self.state = {"step": 0, "epoch": 0, "pos": 0}
+        guard = NonFiniteGradients(self.state, cfg.train.max_skipped_steps, name="reward model")
+        self.trainable = Trainable(self.model, optimizer, scheduler, guard, cfg.train.max_grad_norm)
         self._order = self._permutation()
         self.metrics = JsonlWriter(self.out / "metrics.jsonl")
 
@@ -74,9 +79,6 @@ class RewardModelTrainer:
     @property
     def unwrapped(self) -> torch.nn.Module:
         return self.acc.unwrap_model(self.model)
-
-    def _reduce_sum(self, x: float) -> float:
-        return float(self.acc.reduce(torch.tensor(float(x), device=self.acc.device), "sum"))
 
     def _permutation(self) -> list[int]:
         """This epoch's pair order; with group_by_prompt, a shuffled order of prompts, each with its pairs (shuffled) together."""
@@ -117,51 +119,39 @@ class RewardModelTrainer:
     # ------------------------------------------------------------------ the step
 
     def step(self) -> dict:
-        cfg, acc, t0 = self.cfg, self.acc, time.perf_counter()
+        cfg, rt, t0 = self.cfg, self.rt, time.perf_counter()
         idx = self.next_pairs()
-        mbs = cfg.train.micro_batch_size
-        chunks = [idx[i: i + mbs] for i in range(0, len(idx), mbs)]
+        chunks = rt.micro_batches(idx)
         sums = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "chosen": 0.0, "rejected": 0.0}
         self.model.train()
         for k, chunk in enumerate(chunks):
-            sync = acc.no_sync(self.model) if k < len(chunks) - 1 else contextlib.nullcontext()
-            with sync:
+            with rt.accumulate([self.model], last=k == len(chunks) - 1):
                 r_c, r_r = self.pair_scores(self.model, self.train_pairs, chunk)
                 margin_M = torch.tensor([self.train_pairs.margins[i] for i in chunk], device=r_c.device)
                 loss_M = bradley_terry_loss(r_c, r_r, margin_M)
                 if cfg.train.center_rewards_coef > 0:
                     loss_M = loss_M + cfg.train.center_rewards_coef * (r_c + r_r) ** 2
-                # Normalised by this process's pairs; DDP averages over processes -> the global mean.
-                acc.backward(loss_M.sum() / len(idx))
+                rt.backward(loss_M.sum() / cfg.train.pairs_per_step)  # the mean over every process's pairs
             diff = (r_c - r_r).detach()
             sums["loss"] += float(loss_M.detach().sum())
             sums["correct"] += float((diff > 0).sum())
             sums["margin"] += float(diff.sum())
             sums["chosen"] += float(r_c.detach().sum())
             sums["rejected"] += float(r_r.detach().sum())
-        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
-        grad_norm = self._clip_and_step()
+        lr = self.trainable.scheduler.get_last_lr()[0]  # the rate this step uses
+        grad_norm = self.trainable.clip_and_step(self.acc)
+        if self.trainable.guard.exceeded:
+            raise self.trainable.guard.error(None)
         self.state["step"] += 1
         n = cfg.train.pairs_per_step
         record = {
-            "step": self.state["step"], "epoch": self.state["epoch"], "loss": self._reduce_sum(sums["loss"]) / n,
-            "accuracy": self._reduce_sum(sums["correct"]) / n, "margin": self._reduce_sum(sums["margin"]) / n,
-            "reward/chosen": self._reduce_sum(sums["chosen"]) / n, "reward/rejected": self._reduce_sum(sums["rejected"]) / n,
-            "lr": lr, "grad_norm": grad_norm, "time/step_s": time.perf_counter() - t0,
+            "step": self.state["step"], "epoch": self.state["epoch"], "loss": rt.reduce_sum(sums["loss"]) / n,
+            "accuracy": rt.reduce_sum(sums["correct"]) / n, "margin": rt.reduce_sum(sums["margin"]) / n,
+            "reward/chosen": rt.reduce_sum(sums["chosen"]) / n, "reward/rejected": rt.reduce_sum(sums["rejected"]) / n,
+            "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.state["skipped_steps"],
+            "time/step_s": time.perf_counter() - t0,
         }
         return record
-
-    def _clip_and_step(self) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.cfg.train.max_grad_norm
-        grad_norm = float(self.acc.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
-        if torch.isfinite(torch.tensor(grad_norm)):
-            self.optimizer.step()
-        else:  # never let a NaN/inf gradient reach the weights
-            self.state["skipped_steps"] += 1
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -187,11 +177,11 @@ class RewardModelTrainer:
                     sums[f"correct/{pairs.subsets[i]}"] += ok
         model.train()
         n = len(pairs)
-        record = {"step": self.state["step"], "eval/loss": self._reduce_sum(sums["loss"]) / n,
-                  "eval/accuracy": self._reduce_sum(sums["correct"]) / n, "eval/margin": self._reduce_sum(sums["margin"]) / n,
+        record = {"step": self.state["step"], "eval/loss": self.rt.reduce_sum(sums["loss"]) / n,
+                  "eval/accuracy": self.rt.reduce_sum(sums["correct"]) / n, "eval/margin": self.rt.reduce_sum(sums["margin"]) / n,
                   "eval/pairs": n}
         for s in subsets:
-            record[f"eval/accuracy/{s}"] = self._reduce_sum(sums[f"correct/{s}"]) / pairs.subsets.count(s)
+            record[f"eval/accuracy/{s}"] = self.rt.reduce_sum(sums[f"correct/{s}"]) / pairs.subsets.count(s)
         record["time/eval_s"] = time.perf_counter() - t0
         return record
 

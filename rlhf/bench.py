@@ -116,7 +116,7 @@ def run_trl(steps: int, warmup: int, out_dir: str, gradient_checkpointing: bool 
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from reward_models.rules import first_number_matches
+    from rlhf.rewards.rules import first_number_matches
     from rlhf.data import TASKS
     from rlhf.models.loading import resolve_model_path
 
@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"settings": SETTINGS, "steps": a.steps, "warmup": a.warmup}
     result["matmul_gflops"] = {d: round(matmul_gflops(d), 1) for d in ("bf16", "fp32")}
     rounds, out = a.steps + a.warmup, Path(a.out)
-    rlhf_config(a.steps, a.warmup, str(out / "rlhf"), a.overrides).validate()  # a bad override fails here, not in a worker
+    from rlhf.checks import check_config
+
+    check_config(rlhf_config(a.steps, a.warmup, str(out / "rlhf"), a.overrides))  # a bad override fails here, not in a worker
     rlhf_args = lambda d: ["rlhf", str(a.steps), str(a.warmup), str(d / "rlhf"), *a.overrides]  # noqa: E731
     if a.no_trl:
         result.update(run_interleaved({"rlhf": rlhf_args(out)}, rounds, out))

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 from rlhf.config import Config, ConfigError, describe, load_config
+from rlhf.registry import Registry
 
 TRAIN_USAGE = "rlhf train CONFIG.yaml [key=value ...]   (keys below; nested keys are dotted, e.g. train.lr=1e-5)"
 
@@ -63,13 +64,6 @@ def model_main(argv: list[str]) -> None:
     print(embedded.prepare(args.name, force=args.force))
 
 
-def reward_main(argv: list[str]) -> list[dict] | None:
-    """`rlhf reward train RECIPE.yaml [key=value ...]`: train a Bradley-Terry reward model (see `reward_models.cli`)."""
-    from reward_models.cli import main
-
-    return main(argv)
-
-
 def report_main(argv: list[str]) -> None:
     """`rlhf report RUN_DIR [--output DIR]`: curves.png and report.html of a run."""
     p = argparse.ArgumentParser(prog="rlhf report", description="learning curves (PNG) and an HTML report of a run")
@@ -112,9 +106,11 @@ def eval_main(argv: list[str]) -> dict:
     overrides = rest[1:] if config else rest
     run_dir = Path(model)
     is_run = (run_dir / "config.json").is_file() and (run_dir / "metrics.jsonl").is_file()
+    from rlhf.checks import check_config
+
     try:  # a run's config.json is YAML too
         cfg = load_config(run_dir / "config.json" if config is None and is_run else config, overrides)
-        cfg.validate()
+        check_config(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     from rlhf.evaluate import evaluate, summary_line
@@ -144,7 +140,7 @@ def export_main(argv: list[str]) -> None:
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="cast the weights (default: as saved)")
     args = p.parse_args(argv)
     from rlhf.logging import quiet_library_progress
-    from rlhf.models.export import export_run
+    from rlhf.trainers.export import export_run
 
     quiet_library_progress()
     try:
@@ -159,18 +155,22 @@ def bench_main(argv: list[str]) -> None:
     bench.main(argv)
 
 
-COMMANDS = {"bench": bench_main, "train": train_main, "eval": eval_main, "report": report_main, "export": export_main, "reward": reward_main, "model": model_main}
+# Packages add subcommands through the "rlhf.commands" entry points (`rlhf reward ...` comes from reward_models).
+COMMANDS = Registry("rlhf command", "rlhf.commands")
+for _name, _fn in {"bench": bench_main, "train": train_main, "eval": eval_main, "report": report_main,
+                   "export": export_main, "model": model_main}.items():
+    COMMANDS.register(_name)(_fn)
 
 
 def main(argv: list[str] | None = None) -> None:
     """The `rlhf` console script."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(f"usage: rlhf {{{','.join(COMMANDS)}}} ...\n  rlhf train --help   lists every config key\n"
+        print(f"usage: rlhf {{{','.join(COMMANDS.names())}}} ...\n  rlhf train --help   lists every config key\n"
               "  rlhf eval --help, rlhf report --help, rlhf export --help\n"
               "  rlhf reward train --help   the reward-model trainer's keys")
         sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
-    COMMANDS[argv[0]](argv[1:])
+    COMMANDS.get(argv[0])(argv[1:])
 
 
 if __name__ == "__main__":

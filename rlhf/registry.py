@@ -19,10 +19,24 @@ class Registry(Generic[T]):
     bad combination fails when a trainer is built, before any generation.
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, entry_points: str | None = None):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._meta: dict[str, dict[str, Any]] = {}
+        self._group, self._plugins_loaded = entry_points, entry_points is None
+
+    def _load_plugins(self) -> None:
+        """Register what installed packages declare under the entry-point group (once, on the first miss):
+        how a package that builds on rlhf (reward_models, a user's own) adds names without rlhf importing it."""
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=self._group):
+            if ep.name not in self._items:
+                self._items[ep.name] = ep.load()
+                self._meta[ep.name] = {"plugin": ep.value}
 
     def register(self, name: str, **meta: Any) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -36,6 +50,8 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._items:
+            self._load_plugins()
+        if name not in self._items:
             close = difflib.get_close_matches(name, self.names(), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise UnknownNameError(
@@ -48,9 +64,12 @@ class Registry(Generic[T]):
         return self._meta[name]
 
     def names(self) -> list[str]:
+        self._load_plugins()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
+        if name not in self._items:
+            self._load_plugins()
         return name in self._items
 
     def __repr__(self) -> str:

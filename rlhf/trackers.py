@@ -25,6 +25,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import DistributedType
 
+from rlhf.compat import switch_to_fsdp
 from rlhf.config import Config
 
 COMPLETIONS_DIR = "completions"
@@ -74,23 +75,12 @@ def make_accelerator(cfg: Config) -> Accelerator:
         PartialState(backend="gloo")
     acc = Accelerator(cpu=cpu and not use("DEEPSPEED"), log_with=build_trackers(cfg) or None)
     if cpu and use("FSDP") and acc.distributed_type == DistributedType.MULTI_CPU:
-        _fsdp_on_cpu(acc)
+        switch_to_fsdp()  # accelerate selects FSDP only on accelerators; torch's FSDP2 runs on CPU tensors over gloo
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if acc.num_processes != world:  # never train twice on the same prompts without knowing it
         raise RuntimeError(f"accelerate sees {acc.num_processes} process(es) but WORLD_SIZE={world} "
                            f"({acc.distributed_type}); check the launch config (launch/*.yaml)")
     return acc
-
-
-def _fsdp_on_cpu(acc: Accelerator) -> None:
-    """accelerate selects FSDP only on accelerators (on a CPU it silently runs plain DDP); torch's FSDP2
-    runs on CPU tensors over gloo, so switch the shared state to FSDP with the plugin from the launcher's env."""
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
-    state = AcceleratorState()
-    state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` sets
-    state.distributed_type = DistributedType.FSDP
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

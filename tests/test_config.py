@@ -1,5 +1,6 @@
 import pytest
 
+from rlhf.checks import check_config
 from rlhf.cli import train_help
 from rlhf.config import Config, ConfigError, describe, load_config
 
@@ -37,12 +38,12 @@ def test_bad_values_fail_validation_naming_key():
     for override, key in [("train.lr=-1", "train.lr"), ("generation.temperature=0", "generation.temperature"),
                           ("train.micro_batch_size=5", "train.micro_batch_size"), ("algo.kl.coef=-0.1", "algo.kl.coef")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            load_config(None, [override]).validate()
+            check_config(load_config(None, [override]))
 
 
 def test_unknown_algorithm_name_lists_valid_ones():
     with pytest.raises(ConfigError, match=r"algo.advantage: unknown advantage estimator 'grpoo'.*valid names: .*grpo"):
-        load_config(None, ["algo.advantage=grpoo"]).validate()
+        check_config(load_config(None, ["algo.advantage=grpoo"]))
 
 
 def test_prompts_must_split_over_processes():

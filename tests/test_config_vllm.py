@@ -1,6 +1,7 @@
 """Config keys of the vLLM engine and the importance-sampling correction: bad values fail naming the key."""
 import pytest
 
+from rlhf.checks import check_config
 from rlhf.config import ConfigError, load_config
 
 
@@ -14,12 +15,12 @@ from rlhf.config import ConfigError, load_config
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(None, [override]).validate()
+        check_config(load_config(None, [override]))
 
 
 def test_unknown_correction_suggests_the_close_name():
     with pytest.raises(ConfigError, match="did you mean 'token_truncate'"):
-        load_config(None, ["algo.is_correction=token_truncat"]).validate()
+        check_config(load_config(None, ["algo.is_correction=token_truncat"]))
 
 
 def test_vllm_engine_needs_vllm_and_runs_with_any_number_of_processes():
@@ -28,7 +29,7 @@ def test_vllm_engine_needs_vllm_and_runs_with_any_number_of_processes():
     cfg = load_config(None, ["generation.engine=vllm", "train.prompts_per_step=4"])
     if not vllm_available():
         with pytest.raises(ConfigError, match="needs the 'vllm' package"):
-            cfg.validate()
+            check_config(cfg)
         return
     for world_size in (1, 2, 4):  # one engine per process (tests/trainers/test_distributed.py runs 2)
-        cfg.validate(world_size=world_size)
+        check_config(cfg, world_size=world_size)

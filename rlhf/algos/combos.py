@@ -6,6 +6,9 @@ needs instead of growing an if/elif on names here.
 from __future__ import annotations
 
 from rlhf.algos.advantages import ADVANTAGES
+from rlhf.algos.aggregate import LOSS_AGGREGATIONS
+from rlhf.algos.is_correction import IS_CORRECTIONS
+from rlhf.algos.kl import KL_ESTIMATORS
 from rlhf.algos.policy_loss import POLICY_LOSSES
 from rlhf.algos.updates import UPDATES
 from rlhf.config import Config, ConfigError
@@ -35,8 +38,21 @@ def old_logp_source(cfg: Config) -> str:
     return "none"
 
 
+def check_names(cfg: Config) -> None:
+    """Every algorithm name in `cfg` is registered; a ConfigError names the key and lists the valid names."""
+    for key, reg, name in (
+        ("algo.advantage", ADVANTAGES, cfg.algo.advantage), ("algo.policy_loss", POLICY_LOSSES, cfg.algo.policy_loss),
+        ("algo.loss_agg", LOSS_AGGREGATIONS, cfg.algo.loss_agg), ("algo.kl.estimator", KL_ESTIMATORS, cfg.algo.kl.estimator),
+        ("algo.is_correction", IS_CORRECTIONS, cfg.algo.is_correction), ("algo.update", UPDATES, cfg.algo.update),
+    ):
+        try:
+            reg.get(name)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+
+
 def check_combination(cfg: Config, has_critic: bool = False) -> None:
-    """Raise ConfigError naming the keys of the first invalid combination in `cfg`."""
+    """Raise ConfigError naming the keys of the first invalid combination in `cfg` (names checked: `check_names`)."""
     a, t = cfg.algo, cfg.train
     adv, loss, upd = ADVANTAGES.meta(a.advantage), POLICY_LOSSES.meta(a.policy_loss), UPDATES.meta(a.update)
     if has_critic and not adv.get("needs_values"):

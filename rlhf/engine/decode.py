@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.engine.base import SamplingParams
-from rlhf.models.precision import Bf16Weights, shared_bf16_weights
+from rlhf.models.lora import is_peft
+from rlhf.models.precision import Bf16Casts
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")  # pre-norm, rotary, GQA, gated MLP: the same layer shapes
 
@@ -51,10 +52,10 @@ def _mlp_linears(layer: torch.nn.Module) -> tuple[torch.nn.Linear, ...]:
     return layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj
 
 
-def _cat_rows(*linears: torch.nn.Linear, share: Optional[Bf16Weights] = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _cat_rows(*linears: torch.nn.Linear, share: Optional[Bf16Casts] = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The linears' weights (and biases) stacked by output row, in bf16: one matmul for all of them.
     Each weight is cast straight into its rows; `share` is offered each weight's rows (the same cast,
-    for the trained model's next forward: rlhf.models.precision.Bf16Weights)."""
+    for the trained model's next forward: rlhf.models.precision.Bf16Casts)."""
     first = linears[0].weight
     weight = first.new_empty(sum(lin.out_features for lin in linears), first.shape[1], dtype=torch.bfloat16)
     bias = None if all(lin.bias is None for lin in linears) else weight.new_zeros(weight.shape[0])
@@ -89,16 +90,17 @@ class FusedDecoder:
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
         cfg = getattr(model, "config", None)
-        if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES or hasattr(model, "peft_config"):
+        if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES or is_peft(model):
             return False
         if getattr(cfg, "use_sliding_window", False) or not hasattr(getattr(model, "model", None), "rotary_emb"):
             return False
         p = next(model.parameters())
         return p.dtype == torch.bfloat16 and p.device.type == "cpu"
 
-    def __init__(self, model: torch.nn.Module, source: Optional[torch.nn.Module] = None):
-        """Run `model`'s architecture with weights packed from `source` (default: `model` itself)."""
-        self.model = model
+    def __init__(self, model: torch.nn.Module, source: Optional[torch.nn.Module] = None, casts: Optional[Bf16Casts] = None):
+        """Run `model`'s architecture with weights packed from `source` (default: `model` itself); every bf16
+        cast of a source weight is offered to `casts` (the trainer's next forwards reuse it)."""
+        self.model, self.casts = model, casts
         cfg = model.config
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -119,8 +121,7 @@ class FusedDecoder:
             gate, up, down = _mlp_linears(layer)
             groups += [(q, k, v), (o,), (gate, up), (down,)]
         groups.append((source.get_output_embeddings(),))
-        share = shared_bf16_weights(source)
-        packed = [PackedLinear(*_cat_rows(*g, share=share)) for g in groups]
+        packed = [PackedLinear(*_cat_rows(*g, share=self.casts)) for g in groups]
         self.layers = [
             dict(qkv=packed[4 * i], o=packed[4 * i + 1], gate_up=packed[4 * i + 2], down=packed[4 * i + 3],
                  ln1=own.input_layernorm, ln2=own.post_attention_layernorm, act=own.mlp.act_fn, scaling=own.self_attn.scaling)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
+from typing import Optional
 
 import torch
 import transformers
@@ -11,7 +12,8 @@ import transformers
 from rlhf.engine.base import Rollouts, SamplingParams
 from rlhf.engine.decode import FusedDecoder, fast_sampling, left_pad, sample
 from rlhf.models.loading import inference_copy
-from rlhf.models.precision import autocast
+from rlhf.models.lora import is_peft
+from rlhf.models.precision import Bf16Casts, autocast
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -57,18 +59,20 @@ class HFEngine:
     `update_weights` (one 2-byte copy per step instead of re-casting every weight at every
     decoding step under autocast), through our own decode loop (rlhf.engine.decode) where the
     architecture is a Llama-family one on CPU. Otherwise it runs `generate` on the policy itself.
+    The decode loop offers its bf16 casts of the policy's weights to `casts` (rlhf.models.precision.Bf16Casts),
+    when the trainer gives one.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, cfg):
+    def __init__(self, model: torch.nn.Module, tokenizer, cfg, casts: Optional[Bf16Casts] = None):
         self.tokenizer = tokenizer
         self.compute_dtype = cfg.model.compute_dtype
         self.pad_id = tokenizer.pad_token_id
         self.eos = eos_ids(model, tokenizer)
         fp32_weights = any(p.dtype == torch.float32 for p in model.parameters())
-        self.copy_weights = self.compute_dtype == "bf16" and fp32_weights and not hasattr(model, "peft_config")
+        self.copy_weights = self.compute_dtype == "bf16" and fp32_weights and not is_peft(model)
         self.model = inference_copy(model, torch.bfloat16) if self.copy_weights else model
         # packed from the policy, whose embedding it also reads
-        self.decoder = FusedDecoder(self.model, model) if self.copy_weights and FusedDecoder.supports(self.model) else None
+        self.decoder = FusedDecoder(self.model, model, casts) if self.copy_weights and FusedDecoder.supports(self.model) else None
         if self.decoder is not None:
             self.decoder.drop_model_weights()  # the copy keeps its norms only
         self.seed_per_prompt, self.seed, self.calls = cfg.generation.seed_per_prompt, cfg.train.seed, 0

@@ -31,9 +31,9 @@ from rlhf.engine.base import Rollouts, SamplingParams
 from rlhf.engine.hf import eos_ids
 from rlhf.engine.weights import cast, hf_weights
 from rlhf.models.loading import resolve_model_path
+from rlhf.models.precision import DTYPES
 
 GiB = 1 << 30
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def engine_dtype(cfg) -> torch.dtype:

@@ -19,11 +19,9 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
+from rlhf.models.lora import is_peft
+
 PEFT_PREFIX = "base_model.model."
-
-
-def is_peft(model: torch.nn.Module) -> bool:
-    return hasattr(model, "peft_config")
 
 
 def _tied(model: torch.nn.Module) -> bool:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from rlhf.models.loading import load_causal_lm
+from rlhf.models.lora import apply_lora
 from rlhf.models.logprobs import model_inputs, pack, scatter_tokens
 from rlhf.models.precision import autocast
 
@@ -55,13 +56,7 @@ def load_value_model(path: str, lora, compute_dtype: str, trust_remote_code: boo
     lm = load_causal_lm(path, torch.bfloat16 if frozen_base else torch.float32, trust_remote_code)
     backbone = lm.get_decoder()
     if lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
-        backbone = get_peft_model(backbone, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets))
-        for p in backbone.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        backbone = apply_lora(backbone, lora, task_type=None, key="critic.lora")
     return ValueModel(backbone, lm.config.hidden_size)
 
 

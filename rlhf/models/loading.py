@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf.models import embedded
+from rlhf.models.lora import apply_lora
 
 
 def resolve_model_path(path: str) -> Path:
@@ -54,19 +55,7 @@ def load_policy(mcfg) -> torch.nn.Module:
         if lora.enabled:
             model.enable_input_require_grads()
     if lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
-        peft_cfg = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
-        )
-        try:
-            model = get_peft_model(model, peft_cfg)
-        except ValueError as e:
-            raise ValueError(f"model.lora.target_modules={lora.target_modules}: {e}") from None
-        for p in model.parameters():  # adapters train in fp32
-            if p.requires_grad:
-                p.data = p.data.float()
+        model = apply_lora(model, lora)
     return model
 
 

@@ -150,7 +150,7 @@ def _scaled(logits_KV: Tensor, temperature: float) -> Tensor:
     return x if temperature == 1.0 else x.div_(temperature)
 
 
-def _attention_mask(model: torch.nn.Module, visible_RLL: Tensor, dtype: torch.dtype) -> Tensor:
+def attention_mask_4d(model: torch.nn.Module, visible_RLL: Tensor, dtype: torch.dtype) -> Tensor:
     """4D mask in the form the model's attention implementation takes: bool for sdpa, additive otherwise."""
     impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
     mask = visible_RLL.unsqueeze(1)
@@ -166,7 +166,7 @@ def model_inputs(model: torch.nn.Module, pb: PackedBatch, compute_dtype: str, de
     return dict(
         input_ids=pb.input_ids_RL.to(device),
         position_ids=pb.position_ids_RL.to(device),
-        attention_mask=_attention_mask(base, pb.visible_RLL.to(device), dtype),
+        attention_mask=attention_mask_4d(base, pb.visible_RLL.to(device), dtype),
         use_cache=False,
         logits_to_keep=pb.keep,
     )

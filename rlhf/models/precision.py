@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # every dtype name rlhf accepts
 
 
 def autocast(compute_dtype: str, device: torch.device | str):
@@ -20,25 +18,27 @@ def autocast(compute_dtype: str, device: torch.device | str):
     return torch.autocast(device_type=device_type, dtype=DTYPES[compute_dtype])
 
 
-class Bf16Weights:
-    """bf16 copies of a model's fp32 nn.Linear weights that its forwards under bf16 autocast use instead of
-    autocast's cast of every weight at every forward (SmolLM2, CPU: 90 ms per training forward).
+class Bf16Casts:
+    """bf16 casts of a model's fp32 linear weights, handed from the generation engine to the training forwards.
 
-    Copies come from `put`: the HF engine's weight sync casts the same weights for its decode loop right
-    after each optimizer step, and shares them here for the next step's forwards. A copy is used only
-    while its weight is unchanged: same storage, same version counter (any in-place copy_ bumps it) and
-    no optimizer step since (fused AdamW updates in place without bumping the version, so steps are
-    counted by a step hook). Without a valid copy the forward is the plain one (further micro-batches).
+    The HF engine's decode loop casts the policy's linear weights to bf16 at every weight sync (right after
+    the optimizer step); the trainer gives it this object, the engine `put`s each cast here, and `install`
+    swaps the policy's trainable fp32 `nn.Linear`s for `Bf16CastLinear`s that use a cast instead of autocast's
+    own cast of every weight at every forward (SmolLM2, CPU: 90 ms per training forward). Outputs, gradients
+    and weights are equal to the bit (tests/models/test_precision.py).
+
+    A cast is used only while its weight is unchanged: same storage, same version counter (any in-place copy_
+    bumps it) and no optimizer step since (fused AdamW updates in place without bumping the version, so steps
+    are counted by a step hook). Without a valid cast a forward is the plain one (later micro-batches).
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer):
         self.copies: dict[torch.nn.Parameter, tuple[tuple, torch.Tensor]] = {}
-        self.steps = 0
+        self.steps, self.offered = 0, False
         optimizer.register_step_post_hook(self._stepped)
-        for mod in model.modules():
-            if type(mod) is torch.nn.Linear and mod.weight.dtype == torch.float32 and mod.weight.requires_grad:
-                mod.forward = functools.partial(_linear_forward, mod, self)
-        _SHARED[model] = self
+
+    def __deepcopy__(self, memo) -> "Bf16Casts":
+        return self  # a deep copy of the model shares the cache: its own weights never match an entry
 
     def _stepped(self, *_) -> None:
         self.steps += 1
@@ -50,20 +50,41 @@ class Bf16Weights:
     def put(self, weight: torch.nn.Parameter, copy_bf16: torch.Tensor) -> None:
         """Offer `copy_bf16` = weight.to(bfloat16), taken now."""
         self.copies[weight] = (self._stamp(weight), copy_bf16)
+        self.offered = True
 
     def get(self, weight: torch.nn.Parameter) -> Optional[torch.Tensor]:
-        """The valid copy of `weight`, if any. A forward that records gradients takes it out: autograd keeps
+        """The valid cast of `weight`, if any. A forward that records gradients takes it out: autograd keeps
         it until that layer's backward, which frees it, as it frees autocast's casts (no higher peak)."""
         entry = self.copies.pop(weight, None) if torch.is_grad_enabled() else self.copies.get(weight)
         return entry[1] if entry is not None and entry[0] == self._stamp(weight) else None
 
+    def install(self, model: torch.nn.Module) -> int:
+        """Swap every trainable fp32 `nn.Linear` of `model` for a `Bf16CastLinear` on the same parameters
+        (names, state dict and optimizer are unchanged); returns how many were swapped."""
+        swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+                 if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32 and child.weight.requires_grad]
+        for parent, name, child in swaps:
+            setattr(parent, name, Bf16CastLinear(child, self))
+        return len(swaps)
 
-_SHARED: "weakref.WeakKeyDictionary[torch.nn.Module, Bf16Weights]" = weakref.WeakKeyDictionary()
 
+class Bf16CastLinear(torch.nn.Linear):
+    """An `nn.Linear` (the same weight and bias parameters) whose forward under bf16 autocast reads its
+    weight's cast from `Bf16Casts` when a valid one is there."""
 
-def shared_bf16_weights(model: torch.nn.Module) -> Optional[Bf16Weights]:
-    """The `Bf16Weights` installed on `model`, if any (the engine's sync offers its casts to it)."""
-    return _SHARED.get(model)
+    def __init__(self, linear: torch.nn.Linear, casts: Bf16Casts):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.casts = casts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
+        copy_bf16 = self.casts.get(self.weight) if bf16 else None
+        if copy_bf16 is None:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x, _AsBf16.apply(self.weight, copy_bf16), self.bias)
 
 
 class _AsBf16(torch.autograd.Function):
@@ -76,11 +97,3 @@ class _AsBf16(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad.to(torch.float32), None
-
-
-def _linear_forward(mod: torch.nn.Linear, shared: Bf16Weights, x: torch.Tensor) -> torch.Tensor:
-    device = x.device.type
-    copy_bf16 = shared.get(mod.weight) if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16 else None
-    if copy_bf16 is None:
-        return F.linear(x, mod.weight, mod.bias)
-    return F.linear(x, _AsBf16.apply(mod.weight, copy_bf16), mod.bias)

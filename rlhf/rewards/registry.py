@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from reward_models import code_exec, rules
+from rlhf.rewards import code_exec, rules
 from rlhf.registry import Registry
 
 REWARDS: Registry[Callable] = Registry("reward function")
@@ -16,16 +16,10 @@ REWARDS.register("first_number_matches")(rules.first_number_matches)
 REWARDS.register("contains_answer")(rules.contains_answer)
 REWARDS.register("code_exec")(code_exec.code_exec)
 
-# Factories build a reward function from the text after `name:` (checked before module specs).
-REWARD_FACTORIES: Registry[Callable[[str], Callable]] = Registry("reward function factory")
-
-
-@REWARD_FACTORIES.register("reward_model")
-def _reward_model(arg: str) -> Callable:
-    """A trained reward model: `reward_model:PATH[?batch_size=16&dtype=bf16&...]` (see reward_models.scorer)."""
-    from reward_models.scorer import load_scorer  # imports transformers only when used
-
-    return load_scorer(arg)
+# Factories build a reward function from the text after `name:` (checked before module specs). Packages add
+# theirs through the "rlhf.reward_factories" entry points: `reward_model:PATH` (a learned reward model) comes
+# from reward_models (pyproject.toml), which rlhf never imports itself.
+REWARD_FACTORIES: Registry[Callable[[str], Callable]] = Registry("reward function factory", "rlhf.reward_factories")
 
 
 def reward_fn_name(spec: str) -> str:

@@ -1,7 +1,7 @@
 """Trainers: readable loops on top of accelerate."""
-from rlhf.trainers.trainer import Trainer, check_algorithm
+from rlhf.trainers.trainer import Trainer
 
-__all__ = ["Trainer", "check_algorithm", "train"]
+__all__ = ["Trainer", "train"]
 
 
 def train(cfg) -> list[dict]:

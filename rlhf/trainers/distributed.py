@@ -18,7 +18,6 @@ model copy per process (use LoRA, whose reference is the base network, for model
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Iterator
 
@@ -27,6 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from rlhf.algos.combos import critic_type
+from rlhf.compat import whole_model_loading
 from rlhf.config import Config, ConfigError
 
 LAYOUTS = ("single", "ddp", "zero2", "zero3", "fsdp2")
@@ -60,22 +60,10 @@ def check_layout(cfg: Config, acc: Accelerator, mode: str) -> None:
                           f"process or DDP only, not {mode}: its own optimizer is not sharded yet")
 
 
-@contextlib.contextmanager
 def whole_loading(mode: str):
-    """Load models whole under ZeRO-3. accelerate registers its DeepSpeed config with transformers whatever
-    zero3_init_flag says, and `from_pretrained` then builds every model already partitioned (zero.Init);
-    the reference and the generation copy must stay whole, and `prepare` shards the policy itself."""
-    if mode != "zero3":
-        yield
-        return
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+    """Load models whole under ZeRO-3 (the reference and the generation copy stay whole; `prepare` shards the
+    policy itself): accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says."""
+    return whole_model_loading(mode == "zero3")
 
 
 def configure_deepspeed(cfg: Config, acc: Accelerator) -> None:

@@ -29,14 +29,15 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from rlhf import algos
-from rlhf.algos.combos import check_combination, critic_type, old_logp_source
+from rlhf.algos.combos import critic_type, old_logp_source
+from rlhf.checks import check_config
 from rlhf.algos.kl_control import KLController
 from rlhf.config import Config, to_dict
 from rlhf.data import PromptSource, load_prompt_dataset
 from rlhf.engine import ENGINES
 from rlhf.logging import JsonlWriter, PhaseTimer, Progress, quiet_repeated_warnings, warn_about_step
 from rlhf.models.loading import load_policy, load_reference, load_tokenizer
-from rlhf.models.precision import Bf16Weights
+from rlhf.models.precision import Bf16Casts
 from rlhf.redact import redact
 from rlhf.rewards import RewardModule
 from rlhf.rollout import RolloutSource, Samples, rollout
@@ -66,11 +67,6 @@ class BatchInfo:
     metrics: dict
 
 
-def check_algorithm(cfg: Config, has_critic: bool = False) -> None:
-    """Reject invalid combinations before any model is loaded (rules in `rlhf.algos.combos`)."""
-    check_combination(cfg, has_critic)
-
-
 def build_losses(cfg: Config) -> Losses:
     """The registered pieces of the loss picked by `cfg.algo` (beta is set per step: it may adapt)."""
     a = cfg.algo
@@ -98,13 +94,12 @@ class Trainer:
         self.acc = accelerator or make_accelerator(cfg)  # an accelerator passed in brings its own trackers
         self.rt = rt = Runtime(self.acc, cfg.train.micro_batch_size)
         self.layout = dist.layout(self.acc)  # single, ddp, zero2, zero3 or fsdp2
-        cfg.validate(self.acc.num_processes)
+        check_config(cfg, self.acc.num_processes)  # values, algorithm names and combinations, the engine
         dist.check_layout(cfg, self.acc, self.layout)
         quiet_repeated_warnings()
         kind = critic_type(cfg)
-        check_algorithm(cfg, has_critic=kind != "none")
         set_seed(cfg.train.seed, device_specific=True)
-        set_malloc_mmap_threshold(cfg.train.malloc_mmap_threshold_mb)  # before the models allocate
+        set_malloc_mmap_threshold(cfg.speed.malloc_mmap_threshold_mb)  # before the models allocate
         self.out = Path(cfg.output_dir)
         self.log = self.acc.print
         self.log(f"{cfg.derived_summary(self.acc.num_processes)} | layout {self.layout}")
@@ -134,10 +129,11 @@ class Trainer:
         scheduler = build_scheduler(dist.inner_optimizer(optimizer), cfg.train, self.total_opt_steps)
         self.policy = Trainable(self.model, optimizer, scheduler, NonFiniteGradients(self.state, cfg.train.max_skipped_steps),
                                 cfg.train.max_grad_norm)
-        self.engine = ENGINES.get(cfg.generation.engine)(self.whole_model, self.tokenizer, cfg)
-        if getattr(self.engine, "decoder", None) is not None and self.layout in ("single", "ddp"):
-            # the HF engine's decode loop casts the policy's linear weights to bf16 at every sync: the next forwards reuse them
-            Bf16Weights(self.unwrapped, dist.inner_optimizer(optimizer))
+        # speed.engine_bf16_casts: the engine hands its bf16 casts of the policy's weights to the training forwards
+        casts = Bf16Casts(dist.inner_optimizer(optimizer)) if cfg.speed.engine_bf16_casts and self.layout in ("single", "ddp") else None
+        self.engine = ENGINES.get(cfg.generation.engine)(self.whole_model, self.tokenizer, cfg, casts)
+        if casts is not None and casts.offered:  # the engine casts at every sync (the HF engine's decode loop)
+            casts.install(self.unwrapped)
         # sampler log-probs: needed by an IS correction, and free from engines that declare them (gap metric)
         want_logps = cfg.algo.is_correction != "none" or ENGINES.meta(cfg.generation.engine).get("sampler_logps", False)
         self.source = RolloutSource(self.prompts, self.engine, self.rewards, self.tokenizer, return_logps=want_logps)

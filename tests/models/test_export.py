@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rlhf.cli import main
-from rlhf.models.export import export_run, load_run_model
+from rlhf.trainers.export import export_run, load_run_model
 from tests.conftest import requires_vllm
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rlhf.models.precision import Bf16Weights, autocast, shared_bf16_weights
+from rlhf.models.precision import Bf16CastLinear, Bf16Casts, autocast
 
 
 def _mlp(seed: int = 0) -> torch.nn.Module:
@@ -22,8 +22,9 @@ def test_shared_copies_give_autocast_outputs_gradients_and_steps_to_the_bit():
     plain, shared_model = _mlp(), _mlp()
     opt_plain = torch.optim.AdamW(plain.parameters(), lr=0.01, fused=True)
     opt_shared = torch.optim.AdamW(shared_model.parameters(), lr=0.01, fused=True)
-    shared = Bf16Weights(shared_model, opt_shared)
-    assert shared_bf16_weights(shared_model) is shared
+    shared = Bf16Casts(opt_shared)
+    assert shared.install(shared_model) == 2 and all(type(m) is Bf16CastLinear for m in _linears(shared_model))
+    assert shared_model.state_dict().keys() == plain.state_dict().keys()
     x = torch.randn(5, 8)
     for _ in range(3):
         _offer(shared, shared_model)
@@ -44,7 +45,8 @@ def test_shared_copies_give_autocast_outputs_gradients_and_steps_to_the_bit():
 def test_a_copy_is_used_only_while_its_weight_is_unchanged():
     model = _mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
-    shared = Bf16Weights(model, opt)
+    shared = Bf16Casts(opt)
+    shared.install(model)
     x = torch.randn(5, 8)
 
     def out(grad: bool, dtype: str = "bf16") -> torch.Tensor:

@@ -4,7 +4,7 @@ import pytest
 
 from reward_models.config import PreferenceDataConfig
 from reward_models.data import build_pairs, load_pairs, load_preference_dataset, render
-from reward_models.rules import first_number_matches
+from rlhf.rewards.rules import first_number_matches
 from reward_models.tasks import PREFERENCE_TASKS
 from rlhf.data.prompts import DataError
 from rlhf.data.tasks import TASKS

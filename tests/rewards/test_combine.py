@@ -163,5 +163,5 @@ def test_spec_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.py not found"):
         load_reward_fn(f"{tmp_path}/missing.py:f")
     with pytest.raises(AttributeError, match="has no function 'nothere'"):
-        load_reward_fn("reward_models.rules:nothere")
+        load_reward_fn("rlhf.rewards.rules:nothere")
     assert "first_number_matches" in REWARDS.names()

@@ -1,4 +1,4 @@
-from reward_models.rules import first_number_matches
+from rlhf.rewards.rules import first_number_matches
 
 
 def test_first_number_matches_strings_and_messages():

@@ -43,5 +43,7 @@ def test_mmap_threshold_keeps_step_sized_blocks_in_the_heap():
 
 
 def test_threshold_is_validated():
-    with pytest.raises(ConfigError, match="malloc_mmap_threshold_mb"):
-        load_config(None, ["train.malloc_mmap_threshold_mb=64"]).validate()
+    with pytest.raises(ConfigError, match="speed.malloc_mmap_threshold_mb"):
+        load_config(None, ["speed.malloc_mmap_threshold_mb=64"]).validate()
+    with pytest.raises(ConfigError, match="moved to 'speed.malloc_mmap_threshold_mb'"):
+        load_config(None, ["train.malloc_mmap_threshold_mb=16"])

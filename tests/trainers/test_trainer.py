@@ -118,21 +118,19 @@ def test_no_sampler_logps_without_correction_on_the_hf_engine(tiny_cfg, yes_rewa
     assert "engine/logp_gap_mean" not in record  # the HF engine's log-probs are not free: not requested
 
 
-def test_the_trainer_shares_the_engine_sync_casts_and_trains_to_the_same_weights(tiny_cfg, yes_reward, monkeypatch):
-    from rlhf.models.precision import shared_bf16_weights
-    from rlhf.trainers import trainer as trainer_module
+def test_the_trainer_shares_the_engine_sync_casts_and_trains_to_the_same_weights(tiny_cfg, yes_reward):
+    from rlhf.models.precision import Bf16CastLinear
 
     overrides = ["model.compute_dtype=bf16", "train.steps=2", yes_reward]
     shared_run = Trainer(tiny_cfg(*overrides))
-    shared = shared_bf16_weights(shared_run.unwrapped)
-    assert shared is not None and shared_run.engine.decoder is not None
-    shared_run.step()
     linears = [m for m in shared_run.unwrapped.modules() if isinstance(m, torch.nn.Linear)]
-    assert {id(w) for w in shared.copies} == {id(lin.weight) for lin in linears}  # the sync offered every weight
+    assert shared_run.engine.decoder is not None and all(type(m) is Bf16CastLinear for m in linears)
+    casts = linears[0].casts
     shared_run.step()
-    monkeypatch.setattr(trainer_module, "Bf16Weights", lambda *a: None)
-    plain_run = Trainer(tiny_cfg(*overrides))
-    assert shared_bf16_weights(plain_run.unwrapped) is None
+    assert {id(w) for w in casts.copies} == {id(lin.weight) for lin in linears}  # the sync offered every weight
+    shared_run.step()
+    plain_run = Trainer(tiny_cfg(*overrides, "speed.engine_bf16_casts=false"))
+    assert not any(type(m) is Bf16CastLinear for m in plain_run.unwrapped.modules())
     plain_run.step()
     plain_run.step()
     for (name, a), b in zip(shared_run.unwrapped.named_parameters(), plain_run.unwrapped.parameters()):

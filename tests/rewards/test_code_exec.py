@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from reward_models.code_exec import Limits, code_exec, extract_code, make_code_exec_reward, parse_tests, run_program, sandbox_report
+from rlhf.rewards.code_exec import Limits, code_exec, extract_code, make_code_exec_reward, parse_tests, run_program, sandbox_report
 from rlhf.logging import read_jsonl
 from rlhf.rewards import REWARDS
 from rlhf.trainers import Trainer
@@ -162,7 +162,7 @@ PROGRAMS = [ADD, ATTACKS["infinite_loop"] + ADD, ATTACKS["fork_bomb"] + ADD, ATT
             "print('SCORE: 1.0')\ndef add(a, b):\n    return 7\n", "def add(a, b):\n    return a * b + 1\n"]
 
 CODE_REWARD = '''
-from reward_models.code_exec import make_code_exec_reward
+from rlhf.rewards.code_exec import make_code_exec_reward
 
 _run = make_code_exec_reward(cpu_s=1, wall_s=4, memory_mb=512)
 

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from reward_models.rules import completion_text
+from rlhf.rewards.rules import completion_text
 
 HARNESS = Path(__file__).with_name("sandbox_harness.py")
 NOBODY = 65534

@@ -1,4 +1,4 @@
-"""The child side of `reward_models.code_exec`: isolate this process, then run untrusted code.
+"""The child side of `rlhf.rewards.code_exec`: isolate this process, then run untrusted code.
 
 Run as `python -I sandbox_harness.py` with a JSON job on stdin (see `code_exec.run_program`).
 Stdlib only and self-contained: with `-I` nothing from the caller's environment is imported.
