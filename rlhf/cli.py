@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import textwrap
 
+from typing import Iterator
+
 from rlhf.config import Config, ConfigError, describe, load_config
+from rlhf.errors import UserError
 from rlhf.registry import Registry
 
 TRAIN_USAGE = "rlhf train CONFIG.yaml [key=value ...]   (keys below; nested keys are dotted, e.g. train.lr=1e-5)"
@@ -25,6 +29,16 @@ def train_help() -> str:
     return keys_help(Config, TRAIN_USAGE)
 
 
+@contextlib.contextmanager
+def user_errors_exit(prog: str = "") -> Iterator[None]:
+    """A user's error (rlhf.errors.UserError: config, data, reward function, model path, checkpoint) ends the command
+    with its one-line message and exit status 1; anything else keeps its traceback (a bug)."""
+    try:
+        yield
+    except UserError as e:
+        sys.exit(f"{prog}{'config error' if isinstance(e, ConfigError) else 'error'}: {e}")
+
+
 def train_main(argv: list[str]) -> list[dict]:
     """`rlhf train CONFIG.yaml [key=value ...]`: eval before, train, eval after, report (see `rlhf.run`)."""
     if not argv or argv[0] in ("-h", "--help"):
@@ -33,22 +47,14 @@ def train_main(argv: list[str]) -> list[dict]:
     path, overrides = argv[0], argv[1:]
     if "=" in path:  # no YAML, only overrides
         path, overrides = None, argv
-    try:
+    with user_errors_exit():
         cfg = load_config(path, overrides)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    from rlhf.logging import quiet_library_progress
-    from rlhf.run import run
-    from rlhf.trainers import Trainer
+        from rlhf.logging import quiet_library_progress
+        from rlhf.run import run
+        from rlhf.trainers import Trainer
 
-    quiet_library_progress()
-    try:
-        trainer = Trainer(cfg)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    except FileNotFoundError as e:  # a reward function's file or reward model, a data file
-        sys.exit(f"error: {e}")
-    return run(cfg, trainer)
+        quiet_library_progress()
+        return run(cfg, Trainer(cfg))
 
 
 def model_main(argv: list[str]) -> None:
@@ -120,7 +126,7 @@ def eval_main(argv: list[str]) -> dict:
     target = run_dir / "final" if is_run else model
     try:
         result = evaluate(target, cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         sys.exit(f"rlhf eval: {e}")
     path = Path(output) if output else (run_dir / "eval_final.json" if is_run else Path("eval.json"))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +151,7 @@ def export_main(argv: list[str]) -> None:
     quiet_library_progress()
     try:
         print(export_run(args.run_dir, args.merge, args.checkpoint, args.output, args.dtype).resolve())
-    except FileNotFoundError as e:
+    except (UserError, FileNotFoundError) as e:
         sys.exit(f"rlhf export: {e}")
 
 

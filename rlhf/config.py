@@ -18,8 +18,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from rlhf.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the offending key."""
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, Generic, TypeVar
 
+from rlhf.errors import UserError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(ValueError):
+class UnknownNameError(UserError, ValueError):
     """Raised for a name that is not registered; the message lists the valid names."""
 
 

@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from rlhf.errors import UserError
 from rlhf.logging import read_jsonl
 from rlhf.trackers import read_completions
 
@@ -27,7 +28,7 @@ REPORT_HTML = "report.html"
 PHASES = ("generate", "reward", "logprob", "train", "sync")
 
 
-class ReportError(FileNotFoundError):
+class ReportError(UserError, FileNotFoundError):
     """The run directory lacks what a report needs; the message names the file."""
 
 

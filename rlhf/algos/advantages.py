@@ -1,8 +1,14 @@
 """Advantage and return estimators: `ADVANTAGES[name](inp, cfg) -> (adv_NT, ret_NT)`.
 
-Every estimator is a term Psi_t of the seed notes' family
-grad J = E[sum_t grad log pi(a_t|s_t) Psi_t]. Shapes: N samples (G contiguous rows per
-prompt: row n belongs to group n // G), T completion tokens (right-padded).
+Every estimator is a term Psi_t of the family grad J = E[sum_t grad log pi(a_t|s_t) Psi_t]
+(docs/derivation.md#score-function). Shapes: N samples (G contiguous rows per prompt: row n
+belongs to group n // G), T completion tokens (right-padded).
+
+Time steps are the policy's own tokens, `mask_NT` = 1 (its actions). A completion may hold other
+tokens between them (a tool's result in a multi-turn episode, mask 0): they are not time steps.
+Returns and GAE pass over them unchanged (no discount, no value), and a reward that sits on such a
+token belongs to the last action before it (docs/derivation.md#conventions). Every std is the
+unbiased sample std (n - 1).
 
 All take per-token rewards `rewards_NT` (the sequence score sits on the last completion
 token; with `algo.kl.placement=in_reward` the per-token KL penalty is added everywhere),
@@ -29,7 +35,7 @@ from rlhf.registry import Registry
 @dataclass
 class AdvantageInputs:
     rewards_NT: Tensor  # per-token rewards, 0 on padding
-    mask_NT: Tensor  # 1.0 on completion tokens
+    mask_NT: Tensor  # 1.0 on the policy's own tokens (time steps), 0 on padding and on tokens it did not sample
     group_size: int  # G samples per prompt, contiguous rows
     values_NT: Optional[Tensor] = None  # critic values V(s_t), needed by td / nstep_td / gae
 
@@ -38,9 +44,29 @@ AdvantageFn = Callable[[AdvantageInputs, "object"], "tuple[Tensor, Tensor]"]
 ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
 
 
+def action_rewards(rewards_NT: Tensor, mask_NT: Tensor) -> Tensor:
+    """rewards_NT with every reward moved onto a time step: one on a non-action token goes to the last action
+    before it (none before it: dropped); 0 off the actions."""
+    pos_NT = torch.arange(mask_NT.shape[1]).expand_as(mask_NT)
+    owner_NT = torch.where(mask_NT.bool(), pos_NT, -1).cummax(-1).values  # the last action at or before t
+    moved_NT = torch.where(owner_NT >= 0, rewards_NT, 0.0)
+    return torch.zeros_like(rewards_NT).scatter_add_(-1, owner_NT.clamp(min=0), moved_NT) * mask_NT
+
+
 def sequence_scores(inp: AdvantageInputs) -> Tensor:
     """score_N: the summed per-token reward of each sample (NaN stays NaN)."""
-    return (inp.rewards_NT * inp.mask_NT).sum(-1)
+    return action_rewards(inp.rewards_NT, inp.mask_NT).sum(-1)
+
+
+def compact(x_NT: Tensor, mask_NT: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(xc_NT, maskc_NT, order_NT): each row's action tokens moved to its front, in order (a row that has no
+    holes is unchanged); `expand(yc_NT, order_NT)` puts per-action results back where the actions were."""
+    order_NT = torch.argsort((mask_NT == 0).to(torch.int8), dim=-1, stable=True)
+    return x_NT.gather(-1, order_NT), mask_NT.gather(-1, order_NT), order_NT
+
+
+def expand(yc_NT: Tensor, order_NT: Tensor) -> Tensor:
+    return torch.zeros_like(yc_NT).scatter_(-1, order_NT, yc_NT)
 
 
 def _group_view(score_N: Tensor, group_size: int) -> Tensor:
@@ -111,14 +137,15 @@ def rloo(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
 
 
 def discounted_returns(rewards_NT: Tensor, mask_NT: Tensor, gamma: float) -> Tensor:
-    """ret_NT[n, t] = sum_{tau >= t} gamma^(tau - t) r_tau within each sequence (the causality trick)."""
-    r_NT = torch.nan_to_num(rewards_NT * mask_NT, nan=0.0)
+    """ret_NT[n, t] = sum_{tau >= t} gamma^(tau - t) r_tau over the time steps of each sequence (the causality
+    trick, docs/derivation.md#causality); tau and t count actions only."""
+    r_NT, m_NT, order_NT = compact(torch.nan_to_num(action_rewards(rewards_NT, mask_NT), nan=0.0), mask_NT)
     ret_NT = torch.zeros_like(r_NT)
     running_N = torch.zeros_like(r_NT[:, 0])
     for t in reversed(range(r_NT.shape[1])):
         running_N = r_NT[:, t] + gamma * running_N
         ret_NT[:, t] = running_N
-    return ret_NT * mask_NT
+    return expand(ret_NT * m_NT, order_NT)
 
 
 @ADVANTAGES.register("reinforce")
@@ -126,8 +153,8 @@ def reinforce(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
     """Psi_t = G_t = sum_{tau >= t} gamma^(tau-t) R_tau: REINFORCE with reward-to-go (Williams 1992).
 
     No baseline: high variance. gamma = `algo.gamma`. With gamma = 1 (the default) this is the
-    seed's unbiased estimator of grad J; with gamma < 1 it is the common practice of dropping
-    the gamma^t factor of the seed's Psi_t = gamma^t G_t, which favours later tokens (Thomas 2014).
+    unbiased estimator of grad J; with gamma < 1 it is the common practice of dropping the
+    gamma^t factor of Psi_t = gamma^t G_t, which favours later tokens (Thomas 2014).
     """
     ret_NT = discounted_returns(inp.rewards_NT, inp.mask_NT, cfg.gamma)
     return ret_NT, ret_NT.clone()
@@ -138,7 +165,7 @@ def reinforce_baseline(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
     """Psi_t = G_t - b: reward-to-go minus the group mean of the sequence returns (Williams 1992).
 
     G_t as in `reinforce`; b = mean over the prompt's G valid samples of G_0, a baseline that
-    depends on the prompt only (the seed's "REINFORCE with baseline" with b(s) = group mean).
+    depends on the prompt only (REINFORCE with baseline, b(s) = group mean; docs/derivation.md#baselines).
     With an outcome reward and gamma = 1 this equals `dr_grpo`; it differs when rewards are
     per token (KL in the reward) or gamma < 1, where each token keeps only its future rewards.
     """
@@ -156,15 +183,18 @@ def reinforce_pp(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
     """REINFORCE++ (Hu 2025): A_t = (G_t - mean(G)) / std(G), whitened over every valid token of the batch.
 
     G_t is the token reward-to-go (as `reinforce`); pair with `algo.kl.placement=in_reward`
-    as in the paper. The statistics are over this process's batch.
+    as in the paper. The statistics are over this process's batch, in float64: returns that are
+    all equal give exactly 0 (in fp32 their mean was an ulp off, and dividing by a std of 1e-7
+    made +-0.8 of it).
     """
     valid_N = torch.isfinite(sequence_scores(inp))
     ret_NT = discounted_returns(inp.rewards_NT, inp.mask_NT, cfg.gamma)
     m_NT = inp.mask_NT.bool() & valid_N.unsqueeze(-1)
     if m_NT.sum() < 2:
         return torch.zeros_like(ret_NT), ret_NT
-    adv_NT = (ret_NT - ret_NT[m_NT].mean()) / (ret_NT[m_NT].std() + 1e-8) * m_NT
-    return adv_NT, ret_NT
+    x_NT = ret_NT.double()
+    adv_NT = (x_NT - x_NT[m_NT].mean()) / (x_NT[m_NT].std() + 1e-8) * m_NT
+    return adv_NT.to(ret_NT.dtype), ret_NT
 
 
 def _next_values(values_NT: Tensor, mask_NT: Tensor, k: int) -> Tensor:
@@ -184,26 +214,32 @@ def _require_values(inp: AdvantageInputs, name: str) -> Tensor:
 
 @ADVANTAGES.register("td", needs_values=True)
 def td(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
-    """A_t = R_t + gamma V(s_{t+1}) - V(s_t): the 1-step TD error (the seed's "1-step TD"); ret_t = R_t + gamma V(s_{t+1})."""
+    """A_t = R_t + gamma V(s_{t+1}) - V(s_t): the 1-step TD error (docs/derivation.md#actor-critic); ret_t = R_t + gamma V(s_{t+1})."""
     return _nstep(inp, cfg.gamma, 1, "td")
 
 
 @ADVANTAGES.register("nstep_td", needs_values=True)
 def nstep_td(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
-    """A_t = sum_{k<n} gamma^k R_{t+k} + gamma^n V(s_{t+n}) - V(s_t), n = `algo.n_step` (the seed's n-step TD)."""
+    """A_t = sum_{k<n} gamma^k R_{t+k} + gamma^n V(s_{t+n}) - V(s_t), n = `algo.n_step` (n-step TD, docs/derivation.md#actor-critic)."""
     return _nstep(inp, cfg.gamma, cfg.n_step, "nstep_td")
 
 
-def _nstep(inp: AdvantageInputs, gamma: float, n: int, name: str) -> tuple[Tensor, Tensor]:
+def _actions(inp: AdvantageInputs, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(r_NT, values_NT, mask_NT, order_NT) compacted to the time steps (see `compact`)."""
     values_NT = _require_values(inp, name)
-    r_NT = torch.nan_to_num(inp.rewards_NT * inp.mask_NT, nan=0.0)
+    r_NT, m_NT, order_NT = compact(torch.nan_to_num(action_rewards(inp.rewards_NT, inp.mask_NT), nan=0.0), inp.mask_NT)
+    return r_NT, values_NT.gather(-1, order_NT), m_NT, order_NT
+
+
+def _nstep(inp: AdvantageInputs, gamma: float, n: int, name: str) -> tuple[Tensor, Tensor]:
+    r_NT, values_NT, m_NT, order_NT = _actions(inp, name)
     T = r_NT.shape[1]
     ret_NT = torch.zeros_like(r_NT)
     for k in range(min(n, T)):
         ret_NT[:, : T - k] += gamma**k * r_NT[:, k:]
-    ret_NT = (ret_NT + gamma**n * _next_values(values_NT, inp.mask_NT, n)) * inp.mask_NT
-    adv_NT = (ret_NT - values_NT) * inp.mask_NT
-    return adv_NT, ret_NT
+    ret_NT = (ret_NT + gamma**n * _next_values(values_NT, m_NT, n)) * m_NT
+    adv_NT = (ret_NT - values_NT) * m_NT
+    return expand(adv_NT, order_NT), expand(ret_NT, order_NT)
 
 
 @ADVANTAGES.register("gae", needs_values=True)
@@ -213,14 +249,13 @@ def gae(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
     delta_t = R_t + gamma V(s_{t+1}) - V(s_t); lambda = `algo.lam`. lambda = 1 gives the
     Monte-Carlo return minus V, lambda = 0 the 1-step TD error.
     """
-    values_NT = _require_values(inp, "gae")
-    r_NT = torch.nan_to_num(inp.rewards_NT * inp.mask_NT, nan=0.0)
-    v_NT = values_NT * inp.mask_NT
-    delta_NT = r_NT + cfg.gamma * _next_values(values_NT, inp.mask_NT, 1) - v_NT
+    r_NT, values_NT, m_NT, order_NT = _actions(inp, "gae")
+    v_NT = values_NT * m_NT
+    delta_NT = r_NT + cfg.gamma * _next_values(values_NT, m_NT, 1) - v_NT
     adv_NT = torch.zeros_like(r_NT)
     running_N = torch.zeros_like(r_NT[:, 0])
     for t in reversed(range(r_NT.shape[1])):
         running_N = delta_NT[:, t] + cfg.gamma * cfg.lam * running_N  # padding has delta 0
         adv_NT[:, t] = running_N
-    adv_NT = adv_NT * inp.mask_NT
-    return adv_NT, (adv_NT + v_NT) * inp.mask_NT
+    adv_NT = adv_NT * m_NT
+    return expand(adv_NT, order_NT), expand((adv_NT + v_NT) * m_NT, order_NT)

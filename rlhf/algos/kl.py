@@ -3,8 +3,8 @@
 For tokens a ~ pi and log-ratio x = log pi(a) - log pi_ref(a) (Schulman, "Approximating KL
 divergence", 2020), each estimates KL(pi || pi_ref) per token, all [N, T]:
 k1 = x (unbiased, can be negative), k2 = x^2 / 2 (low variance, biased),
-k3 = exp(-x) - 1 + x (unbiased, always >= 0). The seed notes' two penalty forms are k1
-and k3. The trainer places beta * KL in the loss (`algo.kl.placement=in_loss`, GRPO) or
+k3 = exp(-x) - 1 + x (unbiased, always >= 0). The penalty forms of docs/derivation.md#language-models
+are k1 and k3. The trainer places beta * KL in the loss (`algo.kl.placement=in_loss`, GRPO) or
 subtracts it from the per-token reward (`in_reward`, PPO / REINFORCE++).
 
 `kl_to_old` is the estimator MDPO needs, for tokens sampled from the *second* policy.

@@ -1,7 +1,7 @@
 """Natural-gradient math for NPG and TRPO: Fisher-vector products by double backprop,
 conjugate gradient, the KL-budget step size and the backtracking line search.
 
-The constrained problem of the seed notes (Kakade 2001; Schulman et al. 2015, TRPO):
+The constrained problem of docs/derivation.md#natural-gradient (Kakade 2001; Schulman et al. 2015, TRPO):
 
     min_theta  L(theta)    subject to    mean_t KL(pi_old(.|s_t) || pi_theta(.|s_t)) <= delta
 
@@ -44,7 +44,7 @@ def assign_flat_(params: Sequence[Tensor], flat_P: Tensor) -> None:
 
 
 def surrogate_loss_NT(logp_NT: Tensor, old_logp_NT: Tensor, adv_NT: Tensor) -> Tensor:
-    """-r_t A_t, r_t = pi/pi_old: the seed's surrogate advantage L(theta, theta_old), negated, per token [N, T].
+    """-r_t A_t, r_t = pi/pi_old: the surrogate advantage L(theta, theta_old) (docs/derivation.md#trpo), negated, per token [N, T].
 
     TRPO's line search measures the improvement of this surrogate (Schulman et al. 2015, eq. 14).
     Its gradient at theta_old is -A grad log pi, the gradient every registered policy loss has

@@ -11,11 +11,12 @@ import datasets
 import torch
 
 from rlhf.data.tasks import TASKS
+from rlhf.errors import UserError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad prompt data; the message names the file, row and column."""
 
 

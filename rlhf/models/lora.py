@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.errors import BadModel
+
 
 def is_peft(model: torch.nn.Module) -> bool:
     """True for a peft-wrapped model (a LoRA adapter on a base)."""
@@ -21,7 +23,7 @@ def apply_lora(model: torch.nn.Module, lora, task_type: str | None = "CAUSAL_LM"
     try:
         model = get_peft_model(model, peft_cfg)
     except ValueError as e:
-        raise ValueError(f"{key}.target_modules={lora.target_modules}: {e}") from None
+        raise BadModel(f"{key}.target_modules={lora.target_modules}: {e}") from None
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()

@@ -18,11 +18,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from rlhf.errors import RewardError
 from rlhf.rewards.registry import load_reward_fn, reward_fn_name
-
-
-class RewardError(RuntimeError):
-    """A reward function failed; the message names the function (and sample, where known)."""
 
 
 @dataclass
@@ -46,12 +43,12 @@ class RewardModule:
             if callable(spec) or isinstance(spec, tuple):
                 fn, weight = spec if isinstance(spec, tuple) else (spec, 1.0)
                 if not callable(fn):
-                    raise TypeError(f"reward function {fn!r} is not callable")
+                    raise RewardError(f"reward function {fn!r} is not callable")
                 name = getattr(fn, "__name__", type(fn).__name__)
             else:
                 fn, name, weight = load_reward_fn(spec.fn), spec.name or reward_fn_name(spec.fn), spec.weight
             if any(name == n for n, _, _ in self.fns):
-                raise ValueError(f"two reward functions are named '{name}'; give one a `name`")
+                raise RewardError(f"two reward functions are named '{name}'; give one a `name`")
             self.fns.append((name, fn, float(weight)))
         self.on_error, self.timeout_s = on_error, timeout_s
 
@@ -169,5 +166,5 @@ def _run_coroutine(awaitable: Any, timeout_s: Optional[float]) -> Any:
         raise RewardTimeout(f"timed out after {timeout_s} s") from None
 
 
-class _BadOutput(ValueError):
+class _BadOutput(RewardError, ValueError):
     """Wrong length or type: a bug in the function, reported as ValueError without per-sample retries."""

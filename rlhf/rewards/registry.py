@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from rlhf.rewards import code_exec, rules
+from rlhf.errors import RewardError, UserError
 from rlhf.registry import Registry
 
 REWARDS: Registry[Callable] = Registry("reward function")
@@ -34,25 +35,34 @@ def load_reward_fn(spec: str) -> Callable:
         return REWARDS.get(spec)
     head, _, arg = spec.partition(":")
     if head in REWARD_FACTORIES:
-        return REWARD_FACTORIES.get(head)(arg)
+        try:
+            return REWARD_FACTORIES.get(head)(arg)
+        except UserError:
+            raise
+        except (OSError, ValueError) as e:  # a missing or unusable model directory, a bad option
+            raise RewardError(f"reward function '{spec}': {e}") from None
     target, fn_name = spec.rsplit(":", 1)
     if target.endswith(".py"):
         path = Path(target).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"reward function '{spec}': file {path} not found")
+            raise RewardError(f"reward function '{spec}': file {path} not found")
         mod_name = f"_rlhf_reward_{path.stem}_{abs(hash(str(path.resolve())))}"
         if mod_name not in sys.modules:
             mspec = importlib.util.spec_from_file_location(mod_name, path)
             module = importlib.util.module_from_spec(mspec)
             sys.modules[mod_name] = module
-            mspec.loader.exec_module(module)
+            try:
+                mspec.loader.exec_module(module)
+            except Exception as e:  # noqa: BLE001 - the user's file can raise anything at import
+                del sys.modules[mod_name]
+                raise RewardError(f"reward function '{spec}': importing {path} failed: {type(e).__name__}: {e}") from e
         module = sys.modules[mod_name]
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as e:
-            raise ImportError(f"reward function '{spec}': cannot import module '{target}': {e}") from None
+            raise RewardError(f"reward function '{spec}': cannot import module '{target}': {e}") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise AttributeError(f"reward function '{spec}': '{target}' has no function '{fn_name}'")
+        raise RewardError(f"reward function '{spec}': '{target}' has no function '{fn_name}'")
     return fn

@@ -33,12 +33,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf.errors import UserError
+
 STEP_PREFIX = "step_"
 STAGING_PREFIX = f".tmp-{STEP_PREFIX}"
 TRASH_PREFIX = ".trash-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is incomplete or does not match the trainer; the message names the file."""
 
 

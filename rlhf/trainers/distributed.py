@@ -7,7 +7,7 @@
     fsdp2    torch FSDP2 (accelerate fsdp_version 2): weights are DTensor shards
 
 In every layout prompts are sharded by `PromptSource.batch` (each prompt's group on one process)
-and the loss normaliser is global (`BatchUpdater`), so a step's gradient does not depend on it.
+and the loss normaliser is global (`rlhf.trainers.update`), so a step's gradient does not depend on it.
 
 Sharded layouts (zero3, fsdp2) cannot generate on the training model: its forward is collective
 and processes stop generating at different lengths. The trainer keeps one unsharded copy
@@ -68,7 +68,7 @@ def whole_loading(mode: str):
 
 def configure_deepspeed(cfg: Config, acc: Accelerator) -> None:
     """Fill the DeepSpeed config from the rlhf config before `prepare`: the micro-batch size, clipping, and
-    gradient_accumulation_steps = 1 (the trainer marks the accumulation boundary itself, see `BatchUpdater`)."""
+    gradient_accumulation_steps = 1 (the trainer marks the accumulation boundary itself, see `Runtime.accumulate`)."""
     ds = acc.state.deepspeed_plugin.deepspeed_config
     mbs = cfg.train.micro_batch_size
     ds["train_micro_batch_size_per_gpu"] = mbs

@@ -19,10 +19,12 @@ from typing import Optional
 
 import torch
 
+from rlhf.errors import UserError
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class NonFiniteGradientError(RuntimeError):
+class NonFiniteGradientError(UserError, RuntimeError):
     """Too many optimizer steps in a row had NaN/inf gradients."""
 
 

@@ -32,11 +32,11 @@ from rlhf import algos
 from rlhf.algos.combos import critic_type, old_logp_source
 from rlhf.checks import check_config
 from rlhf.algos.kl_control import KLController
-from rlhf.config import Config, to_dict
+from rlhf.config import Config, ConfigError, to_dict
 from rlhf.data import PromptSource, load_prompt_dataset
 from rlhf.engine import ENGINES
 from rlhf.logging import JsonlWriter, PhaseTimer, Progress, quiet_repeated_warnings, warn_about_step
-from rlhf.models.loading import load_policy, load_reference, load_tokenizer
+from rlhf.models.loading import load_policy, load_reference, load_tokenizer, with_pad_token
 from rlhf.models.precision import Bf16Casts
 from rlhf.redact import redact
 from rlhf.rewards import RewardModule
@@ -88,8 +88,21 @@ def build_prompts(cfg: Config, tokenizer, dataset=None) -> PromptSource:
 class Trainer:
     """`Trainer(cfg).train()`; see the module docstring for one step."""
 
-    def __init__(self, cfg: Config, accelerator: Optional[Accelerator] = None, *,
+    def __init__(self, cfg: Config, accelerator: Optional[Accelerator] = None, *, model=None, tokenizer=None,
                  reward_funcs: Optional[Sequence[Callable]] = None, train_dataset=None):
+        """From Python, as with TRL: `model` a local model directory (replaces `model.path`) or an already-loaded
+        causal LM (then `tokenizer` too, unless the model was loaded from a local directory), `reward_funcs`
+        callables with TRL's signature (or (callable, weight) pairs; replace `reward.functions`), `train_dataset`
+        a `datasets.Dataset` with a prompt column (replaces `data.train`)."""
+        if isinstance(model, (str, Path)):
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(model)))
+            model = None
+        elif model is not None:
+            local = getattr(model.config, "_name_or_path", "")
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=local or cfg.model.path))
+            if cfg.generation.engine != "hf":
+                raise ConfigError(f"generation.engine={cfg.generation.engine} loads the model from its directory: "
+                                  "pass model as a path")
         self.cfg = cfg
         self.acc = accelerator or make_accelerator(cfg)  # an accelerator passed in brings its own trackers
         self.rt = rt = Runtime(self.acc, cfg.train.micro_batch_size)
@@ -107,14 +120,14 @@ class Trainer:
         # Cheap, error-prone inputs first: rewards and data fail before the model loads.
         specs = cfg.reward.functions if reward_funcs is None else reward_funcs
         self.rewards = RewardModule(specs, cfg.reward.on_error, cfg.reward.timeout_s)
-        self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+        self.tokenizer = with_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
         self.prompts = build_prompts(cfg, self.tokenizer, train_dataset)
         if self.prompts.stats["prompts/too_long"]:
             self.log(f"data: {self.prompts.stats} (data.on_long_prompt={cfg.data.on_long_prompt})")
 
         self.state = {"step": 0, "opt_step": 0}
         with dist.whole_loading(self.layout):
-            policy = load_policy(cfg.model)
+            policy = load_policy(cfg.model, model)
             self.ref = load_reference(cfg.model, policy, cfg.algo.kl.coef)  # frozen, whole on every process
             # zero3/fsdp2: the engine samples from a whole copy, refreshed after each step (rlhf.trainers.distributed)
             self.full = dist.full_copy(policy).to(self.acc.device) if self.layout in dist.SHARDED else None

@@ -1,4 +1,4 @@
-"""The seed notes' identities, checked numerically on small categorical policies.
+"""The score-function identities of docs/derivation.md, checked numerically on small categorical policies.
 
 Lemma 1: E_{a~pi}[grad log pi(a)] = 0. REINFORCE: E[sum_t grad log pi(a_t|s_t) G_t] = grad J,
 computed here through the registered pieces (advantage -> pg loss -> aggregation) and
@@ -68,7 +68,7 @@ def sample(policy, N, seed):
 def pipeline_grads(policy, a_N2, advantage, G, gamma_t=False):
     """The gradient ascent direction the trainer follows: -grad of AGG(PG loss(ADV)), summed over tokens, mean over samples.
 
-    `gamma_t`: weight token t by gamma^t, the seed's Psi_t = gamma^t G_t for the discounted J.
+    `gamma_t`: weight token t by gamma^t, Psi_t = gamma^t G_t for the discounted J (docs/derivation.md#causality).
     """
     N = a_N2.shape[0]
     mask = torch.ones(N, 2, dtype=torch.float64)
@@ -85,7 +85,7 @@ def pipeline_grads(policy, a_N2, advantage, G, gamma_t=False):
 def test_reinforce_reward_to_go_matches_the_exact_gradient():
     """Mean and standard error of the per-batch estimate over 200 batches, against the exact gradient.
 
-    The registered `reinforce` returns G_t = sum_{tau>=t} gamma^(tau-t) R_tau; the seed's
+    The registered `reinforce` returns G_t = sum_{tau>=t} gamma^(tau-t) R_tau; the
     unbiased Psi_t for the discounted J is gamma^t G_t (with gamma = 1 they coincide).
     """
     policy = TwoStepPolicy()

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from rlhf.checks import check_config
 from rlhf import algos
 from rlhf.algos.dapo import overlong_penalty
 from rlhf.algos.natural import assign_flat_, backtracking_line_search, categorical_kl_NT, natural_step
@@ -82,7 +83,7 @@ def test_invalid_combinations_fail_before_any_model_loads(tiny_cfg, monkeypatch,
 ])
 def test_new_keys_are_validated_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(None, [override]).validate()
+        check_config(load_config(None, [override]))
     assert "adamw, mdpo, npg, trpo" in repr(algos.UPDATES).replace("Registry(update rule: ", "").rstrip(")")
 
 
