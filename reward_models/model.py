@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from rlhf.models.export import save_model
-from rlhf.models.lora import apply_lora, is_peft
 from rlhf.models.loading import resolve_model_path
+from rlhf.models.lora import apply_lora, is_peft
 from rlhf.models.precision import autocast
 
 

@@ -10,9 +10,9 @@ import re
 
 import datasets
 
-from rlhf.rewards.rules import first_number
 from rlhf.data.tasks import TASKS
 from rlhf.registry import Registry
+from rlhf.rewards.rules import first_number
 
 PREFERENCE_TASKS: Registry = Registry("preference task")
 _QUESTION = re.compile(r"What is (\d+) \+ (\d+)\?")

@@ -116,9 +116,9 @@ def run_trl(steps: int, warmup: int, out_dir: str, gradient_checkpointing: bool 
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rlhf.rewards.rules import first_number_matches
     from rlhf.data import TASKS
     from rlhf.models.loading import resolve_model_path
+    from rlhf.rewards.rules import first_number_matches
 
     s = SETTINGS
     times: list[float] = []

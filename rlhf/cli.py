@@ -5,7 +5,6 @@ import argparse
 import contextlib
 import sys
 import textwrap
-
 from typing import Iterator
 
 from rlhf.config import Config, ConfigError, describe, load_config

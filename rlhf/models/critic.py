@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from rlhf.models.loading import load_causal_lm
-from rlhf.models.lora import apply_lora
 from rlhf.models.logprobs import model_inputs, pack, scatter_tokens
+from rlhf.models.lora import apply_lora
 from rlhf.models.precision import autocast
 
 

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from rlhf.rewards import code_exec, rules
 from rlhf.errors import RewardError, UserError
 from rlhf.registry import Registry
+from rlhf.rewards import code_exec, rules
 
 REWARDS: Registry[Callable] = Registry("reward function")
 REWARDS.register("first_number_matches")(rules.first_number_matches)

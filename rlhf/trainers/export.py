@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf.models.export import save_model
-from rlhf.models.lora import is_peft
 from rlhf.models.loading import load_causal_lm, load_policy, load_tokenizer
+from rlhf.models.lora import is_peft
 from rlhf.models.precision import DTYPES
 from rlhf.trainers import checkpoint as ckpt
 from rlhf.trainers.checkpoint import load_trainable_state

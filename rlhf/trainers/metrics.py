@@ -6,6 +6,7 @@ timings, later ones (updates_per_batch x mini_batches_per_pass > 1) carry 0 for 
 from __future__ import annotations
 
 import json
+
 import torch
 
 from rlhf.algos.value import explained_variance_from_moments, value_moments

@@ -9,8 +9,15 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from rlhf.algos.natural import (FVP, assign_flat_, categorical_kl_NT, flatten, hessian_vector_product, self_kl_NT,
-                                surrogate_loss_NT)
+from rlhf.algos.natural import (
+    FVP,
+    assign_flat_,
+    categorical_kl_NT,
+    flatten,
+    hessian_vector_product,
+    self_kl_NT,
+    surrogate_loss_NT,
+)
 from rlhf.models.logprobs import scatter_tokens
 from rlhf.runtime import Runtime
 from rlhf.trainers.experience import Experience

@@ -30,8 +30,8 @@ from accelerate.utils import set_seed
 
 from rlhf import algos
 from rlhf.algos.combos import critic_type, old_logp_source
-from rlhf.checks import check_config
 from rlhf.algos.kl_control import KLController
+from rlhf.checks import check_config
 from rlhf.config import Config, ConfigError, to_dict
 from rlhf.data import PromptSource, load_prompt_dataset
 from rlhf.engine import ENGINES

@@ -3,8 +3,16 @@ import math
 import pytest
 import torch
 
-from rlhf.algos.natural import (assign_flat_, backtracking_line_search, categorical_kl_NT, conjugate_gradient, flatten,
-                                hessian_vector_product, natural_step, self_kl_NT)
+from rlhf.algos.natural import (
+    assign_flat_,
+    backtracking_line_search,
+    categorical_kl_NT,
+    conjugate_gradient,
+    flatten,
+    hessian_vector_product,
+    natural_step,
+    self_kl_NT,
+)
 
 
 def spd(n, seed=0):

@@ -1,7 +1,8 @@
 import math
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rlhf.algos import LOSS_AGGREGATIONS, POLICY_LOSSES, LossNormalizer
 from rlhf.config import AlgoConfig

@@ -3,7 +3,7 @@ import json
 import datasets
 import pytest
 
-from rlhf.data import DataError, PromptSource, TASKS, load_prompt_dataset
+from rlhf.data import TASKS, DataError, PromptSource, load_prompt_dataset
 
 ROWS = [{"prompt": "What is 1 + 2 ?", "answer": 3}, {"prompt": "What is 4 + 5 ?", "answer": 9}]
 

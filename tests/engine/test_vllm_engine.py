@@ -3,13 +3,13 @@ import math
 
 import pytest
 import torch
-from tests.conftest import requires_vllm
 
 from rlhf.config import load_config
 from rlhf.engine import ENGINES, SamplingParams
 from rlhf.engine.sync_check import check_sync
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.logprobs import sample_logprobs
+from tests.conftest import requires_vllm
 
 pytestmark = [pytest.mark.slow, requires_vllm]
 PROMPTS = [[7, 8, 9], [10, 11], [12, 13, 14, 15], [20, 8]]

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from rlhf.models import embedded
 from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_path

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rlhf.config import ModelConfig, LoraConfig
+from rlhf.config import LoraConfig, ModelConfig
 from rlhf.models.loading import inference_copy, load_causal_lm, load_policy, load_reference, resolve_model_path
 
 

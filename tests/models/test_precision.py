@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from rlhf.models.precision import Bf16CastLinear, Bf16Casts, autocast

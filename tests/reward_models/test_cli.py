@@ -1,13 +1,12 @@
 from pathlib import Path
 
 import pytest
+from rm_helpers import rm_overrides, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
 from reward_models.config import load_rm_config
 from rlhf.cli import main
 from rlhf.logging import read_jsonl
-
-from rm_helpers import rm_overrides, write_jsonl
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "reward_model_arithmetic.yaml"
 

@@ -1,15 +1,14 @@
 import re
 
 import pytest
+from rm_helpers import CHAT_PROMPT, separable_rows, write_jsonl
 
 from reward_models.config import PreferenceDataConfig
 from reward_models.data import build_pairs, load_pairs, load_preference_dataset, render
-from rlhf.rewards.rules import first_number_matches
 from reward_models.tasks import PREFERENCE_TASKS
 from rlhf.data.prompts import DataError
 from rlhf.data.tasks import TASKS
-
-from rm_helpers import CHAT_PROMPT, separable_rows, write_jsonl
+from rlhf.rewards.rules import first_number_matches
 
 
 def pairs_from(rows, tmp_path, tokenizer, **cfg):

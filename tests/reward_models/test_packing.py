@@ -1,12 +1,11 @@
 import pytest
 import torch
+from rm_helpers import separable_rows
 
 from reward_models.data import encode
 from reward_models.model import load_reward_model, score_sequences
 from reward_models.packing import pack_groups, packed_pair_scores, packed_scores, shared_prefix_len
 from rlhf.config import load_config
-
-from rm_helpers import separable_rows
 
 
 def tiny_rm(model_dir, tokenizer, lora: bool):

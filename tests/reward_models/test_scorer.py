@@ -2,12 +2,11 @@ import math
 
 import pytest
 import torch
+from rm_helpers import CHAT_PROMPT, separable_rows
 
 from reward_models.scorer import RewardModelScorer, ScorerOptions, load_scorer, parse_spec
 from rlhf.config import ConfigError, RewardSpec
 from rlhf.rewards import RewardModule, load_reward_fn
-
-from rm_helpers import CHAT_PROMPT, separable_rows
 
 
 def test_learned_rm_through_reward_module_orders_its_training_pairs(trained_rm):

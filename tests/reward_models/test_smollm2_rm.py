@@ -8,7 +8,6 @@ from reward_models.trainer import RewardModelTrainer
 from rlhf.config import RewardSpec
 from rlhf.data.tasks import TASKS
 from rlhf.rewards import RewardModule
-
 from tests.conftest import requires_smollm2
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "reward_model_arithmetic.yaml"

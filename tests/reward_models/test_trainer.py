@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from rm_helpers import rm_overrides, separable_rows, write_jsonl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from reward_models.config import load_rm_config
@@ -10,8 +11,6 @@ from reward_models.model import score_sequences
 from reward_models.trainer import RewardModelTrainer, bradley_terry_loss
 from rlhf.config import ConfigError
 from rlhf.logging import read_jsonl
-
-from rm_helpers import rm_overrides, separable_rows, write_jsonl
 
 STEP_KEYS = {"step", "loss", "accuracy", "margin", "reward/chosen", "reward/rejected", "lr", "grad_norm", "time/step_s"}
 EVAL_KEYS = {"step", "eval/loss", "eval/accuracy", "eval/margin", "eval/pairs"}

@@ -8,9 +8,16 @@ import time
 import pytest
 import torch
 
-from rlhf.rewards.code_exec import Limits, code_exec, extract_code, make_code_exec_reward, parse_tests, run_program, sandbox_report
 from rlhf.logging import read_jsonl
 from rlhf.rewards import REWARDS
+from rlhf.rewards.code_exec import (
+    Limits,
+    code_exec,
+    extract_code,
+    parse_tests,
+    run_program,
+    sandbox_report,
+)
 from rlhf.trainers import Trainer
 
 FAST = Limits(cpu_s=1, wall_s=4, memory_mb=512)

@@ -26,7 +26,8 @@ def test_weighted_combination_and_columns_reach_functions(tmp_path):
         seen.update(answer=answer, extra=kwargs["difficulty"])
         return [1.0] * len(completions)
 
-    import sys, types
+    import sys
+    import types
     mod = types.ModuleType("spy_mod")
     mod.spy = spy
     sys.modules["spy_mod"] = mod
@@ -52,7 +53,8 @@ def test_none_means_not_applicable_and_all_none_is_nan():
     def half(completions, **kw):
         return [None, 1.0, None]
 
-    import sys, types
+    import sys
+    import types
     sys.modules["half_mod"] = types.SimpleNamespace(half=half)
     m = RewardModule([RewardSpec(fn="half_mod:half")])
     res = call(m, ["a", "b", "c"])
@@ -60,7 +62,8 @@ def test_none_means_not_applicable_and_all_none_is_nan():
 
 
 def _register(name, fn):
-    import sys, types
+    import sys
+    import types
     sys.modules[f"m_{name}"] = types.SimpleNamespace(**{name: fn})
     return RewardSpec(fn=f"m_{name}:{name}")
 

@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from rlhf.engine.sync_check import check_sync
 from rlhf.config import load_config
+from rlhf.engine.sync_check import check_sync
 from rlhf.trainers import Trainer
 from rlhf.trainers import distributed as dist
 

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from rlhf.checks import check_config
 from rlhf import algos
 from rlhf.algos.dapo import overlong_penalty
 from rlhf.algos.natural import assign_flat_, backtracking_line_search, categorical_kl_NT, natural_step
+from rlhf.checks import check_config
 from rlhf.config import ConfigError, load_config
 from rlhf.logging import PhaseTimer
 from rlhf.models.logprobs import sample_log_softmax

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tests.conftest import LENGTH_REWARD
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
-from tests.conftest import requires_smollm2, requires_vllm
 
 from rlhf.config import load_config
 from rlhf.engine import ENGINES
 from rlhf.engine.sync_check import check_sync
 from rlhf.trainers import Trainer
+from tests.conftest import requires_smollm2, requires_vllm
 
 pytestmark = [pytest.mark.slow, requires_vllm, requires_smollm2]
 TIE_TOL = 0.25  # nats; wrong weights give margins of ~20

@@ -2,11 +2,11 @@
 import math
 
 import pytest
-from tests.conftest import requires_vllm
 
 from rlhf.engine import SamplingParams
 from rlhf.engine.sync_check import check_sync
 from rlhf.trainers import Trainer
+from tests.conftest import requires_vllm
 
 pytestmark = [pytest.mark.slow, requires_vllm]
 PROMPTS = [[7, 8, 9], [10, 11], [12, 13, 14, 15]]
