@@ -1,4 +1,5 @@
-"""PPO (learned critic, KL penalty in the reward) on single-digit addition: `python recipes/ppo_arithmetic.py [key=value ...]`
+"""PPO (learned critic, KL penalty in the reward) on single-digit addition:
+`python recipes/ppo_arithmetic.py [key=value ...]`
 (also `accelerate launch recipes/ppo_arithmetic.py ...`, or `rlhf train recipes/ppo_arithmetic.yaml`)."""
 from pathlib import Path
 

@@ -1,4 +1,5 @@
-"""PPO against the learned reward model of recipes/reward_model_arithmetic.yaml: `python recipes/ppo_reward_model.py [key=value ...]`
+"""PPO against the learned reward model of recipes/reward_model_arithmetic.yaml:
+`python recipes/ppo_reward_model.py [key=value ...]`
 (also `accelerate launch recipes/ppo_reward_model.py ...`, or `rlhf train recipes/ppo_reward_model.yaml`)."""
 from pathlib import Path
 

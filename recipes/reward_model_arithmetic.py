@@ -1,5 +1,6 @@
 """Train a reward model on correct vs wrong addition answers:
-`python recipes/reward_model_arithmetic.py [key=value ...]` (also `rlhf reward train recipes/reward_model_arithmetic.yaml`).
+`python recipes/reward_model_arithmetic.py [key=value ...]`
+(also `rlhf reward train recipes/reward_model_arithmetic.yaml`).
 The model lands in runs/reward_model_arithmetic/final; reference it as `reward_model:runs/reward_model_arithmetic`."""
 import sys
 from pathlib import Path

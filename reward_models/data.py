@@ -4,7 +4,8 @@ Accepted rows (TRL's preference formats):
 
     standard, explicit prompt:   {"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5"}
     standard, implicit prompt:   {"chosen": "2 + 2 = 4", "rejected": "2 + 2 = 5"}
-    conversational, explicit:    {"prompt": [{"role": "user", ...}], "chosen": [{"role": "assistant", ...}], "rejected": [...]}
+    conversational, explicit:    {"prompt": [{"role": "user", ...}], "chosen": [{"role": "assistant", ...}],
+                                  "rejected": [...]}
     conversational, implicit:    {"chosen": [whole conversation], "rejected": [whole conversation]}
 
 Standard text is `prompt + response`; conversations go through the tokenizer's chat template.
@@ -26,7 +27,8 @@ from reward_models.tasks import PREFERENCE_TASKS
 from rlhf.data.prompts import DataError, read_local_dataset
 
 
-def load_preference_dataset(spec: str, split: str = "train", task_args: dict | None = None, seed: int = 0) -> datasets.Dataset:
+def load_preference_dataset(spec: str, split: str = "train", task_args: dict | None = None,
+                            seed: int = 0) -> datasets.Dataset:
     """A preference task name (its `split`), a jsonl/json/csv/parquet file, or a `save_to_disk` directory
     (a DatasetDict's `split`; for 'eval' also its 'test' or 'validation' split)."""
     if spec in PREFERENCE_TASKS:
@@ -43,7 +45,8 @@ def load_pairs(dcfg, tokenizer, seed: int = 0) -> tuple["PreferencePairs", Optio
 
     Rows are validated before any split, so errors name rows as they are in the file.
     """
-    train = build_pairs(load_preference_dataset(dcfg.train, "train", dcfg.task_args, seed), tokenizer, dcfg, name=dcfg.train)
+    train = build_pairs(load_preference_dataset(dcfg.train, "train", dcfg.task_args, seed), tokenizer, dcfg,
+                        name=dcfg.train)
     if dcfg.eval is not None:
         held = load_preference_dataset(dcfg.eval, "eval", dcfg.task_args, seed)
         return train, build_pairs(held, tokenizer, dcfg, name=dcfg.eval)
@@ -51,7 +54,8 @@ def load_pairs(dcfg, tokenizer, seed: int = 0) -> tuple["PreferencePairs", Optio
         return train, None
     n_eval = int(round(len(train) * dcfg.eval_fraction))
     if not 0 < n_eval < len(train):
-        raise DataError(f"{dcfg.train}: data.eval_fraction={dcfg.eval_fraction} of {len(train)} pairs leaves no train or no eval pair")
+        raise DataError(f"{dcfg.train}: data.eval_fraction={dcfg.eval_fraction} of {len(train)} pairs "
+                        "leaves no train or no eval pair")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     return train.subset(sorted(order[n_eval:])), train.subset(sorted(order[:n_eval]))
 
@@ -74,7 +78,8 @@ def _check_text_or_messages(value: Any, where: str, non_empty_content: bool) -> 
         return "messages"
     if value is None or value == []:
         raise DataError(f"{where}: is empty")
-    raise DataError(f"{where}: must be a non-empty string or a list of chat messages, got {type(value).__name__} {value!r}")
+    raise DataError(f"{where}: must be a non-empty string or a list of chat messages, "
+                    f"got {type(value).__name__} {value!r}")
 
 
 def check_row(row: dict, i: int, name: str, dcfg) -> None:
@@ -83,7 +88,8 @@ def check_row(row: dict, i: int, name: str, dcfg) -> None:
     for col in (dcfg.chosen_column, dcfg.rejected_column):
         kinds[col] = _check_text_or_messages(row[col], f"{name}: row {i}, column '{col}'", non_empty_content=True)
     if dcfg.prompt_column in row:
-        kinds[dcfg.prompt_column] = _check_text_or_messages(row[dcfg.prompt_column], f"{name}: row {i}, column '{dcfg.prompt_column}'",
+        kinds[dcfg.prompt_column] = _check_text_or_messages(row[dcfg.prompt_column],
+                                                            f"{name}: row {i}, column '{dcfg.prompt_column}'",
                                                             non_empty_content=False)
     if len(set(kinds.values())) > 1:
         desc = ", ".join(f"'{c}' is {'chat messages' if k == 'messages' else 'a string'}" for c, k in kinds.items())
@@ -91,7 +97,8 @@ def check_row(row: dict, i: int, name: str, dcfg) -> None:
     if dcfg.margin_column is not None:
         m = row[dcfg.margin_column]
         if isinstance(m, bool) or not isinstance(m, numbers.Real) or not math.isfinite(m):
-            raise DataError(f"{name}: row {i}, column '{dcfg.margin_column}': margin must be a finite number, got {m!r}")
+            raise DataError(f"{name}: row {i}, column '{dcfg.margin_column}': margin must be a finite number, "
+                            f"got {m!r}")
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -156,9 +163,10 @@ def build_pairs(ds: datasets.Dataset, tokenizer, dcfg, name: str) -> PreferenceP
     missing = [c for c in (dcfg.chosen_column, dcfg.rejected_column) if c not in ds.column_names]
     missing += [c for c in (dcfg.margin_column, dcfg.subset_column) if c is not None and c not in ds.column_names]
     if missing:
-        raise DataError(f"{name}: no column {', '.join(repr(c) for c in missing)} (columns: {', '.join(ds.column_names)}); "
-                        f"preference pairs need '{dcfg.chosen_column}' and '{dcfg.rejected_column}' (set data.chosen_column / "
-                        "data.rejected_column for other names)")
+        raise DataError(f"{name}: no column {', '.join(repr(c) for c in missing)} "
+                        f"(columns: {', '.join(ds.column_names)}); "
+                        f"preference pairs need '{dcfg.chosen_column}' and '{dcfg.rejected_column}' "
+                        "(set data.chosen_column / data.rejected_column for other names)")
     if len(ds) == 0:
         raise DataError(f"{name}: the dataset is empty")
     has_prompt = dcfg.prompt_column in ds.column_names

@@ -27,7 +27,8 @@ def load_reward_model(mcfg, tokenizer) -> torch.nn.Module:
         pad_token_id=tokenizer.pad_token_id,
     )
     if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
-        raise ValueError(f"model '{mcfg.path}' is quantized; training needs plain weights (dequantize and save it first)")
+        raise ValueError(f"model '{mcfg.path}' is quantized; "
+                         "training needs plain weights (dequantize and save it first)")
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
     model.config.use_cache = False
     if mcfg.gradient_checkpointing:
@@ -60,7 +61,8 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids_BL.to(device), mask_BL.to(device)
 
 
-def score_sequences(model: torch.nn.Module, seqs: list[list[int]], pad_id: int, device, compute_dtype: str) -> torch.Tensor:
+def score_sequences(model: torch.nn.Module, seqs: list[list[int]], pad_id: int, device,
+                    compute_dtype: str) -> torch.Tensor:
     """scores_B (float32): the score head's output at each sequence's last token, one padded forward."""
     ids_BL, mask_BL = pad_right(seqs, pad_id, device)
     with autocast(compute_dtype, device):

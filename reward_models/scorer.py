@@ -35,7 +35,8 @@ class ScorerOptions:
     max_length: int = opt(1024, "longer inputs keep their last max_length tokens (the completion's end)")
     dtype: Literal["bf16", "fp32"] = opt("bf16", "weights and compute dtype of the reward model")
     device: str = opt("auto", "'auto' (this process's GPU if there is one, else CPU), 'cpu', 'cuda' or 'cuda:N'")
-    pack: bool = opt(True, "completions of the same prompt share one row and one prompt copy (same scores, fewer tokens)")
+    pack: bool = opt(True, "completions of the same prompt share one row and one prompt copy "
+                           "(same scores, fewer tokens)")
     trust_remote_code: bool = opt(False, "allow model code from the model directory")
 
 
@@ -59,7 +60,8 @@ class RewardModelScorer:
         if options.batch_size < 1 or options.max_length < 2:
             raise ConfigError(f"reward model '{path}': batch_size must be >= 1 and max_length >= 2")
         if options.device == "auto":
-            self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                           else torch.device("cpu"))
         else:
             self.device = torch.device(options.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=options.trust_remote_code)
@@ -69,7 +71,8 @@ class RewardModelScorer:
         self.model = AutoModelForSequenceClassification.from_pretrained(
             self.path, dtype=dtype, trust_remote_code=options.trust_remote_code)
         if self.model.config.num_labels != 1:
-            raise ValueError(f"reward model '{self.path}' has {self.model.config.num_labels} outputs; a reward model has 1")
+            raise ValueError(f"reward model '{self.path}' has {self.model.config.num_labels} outputs; "
+                             "a reward model has 1")
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.pad_id = self.model.config.pad_token_id
@@ -93,7 +96,8 @@ class RewardModelScorer:
                     packed = pack_groups([[seqs[i] for i in group] for group in batch], self.pad_id)
                     scores_B = packed_scores(self.model, packed, self.device, self.options.dtype)
                 else:
-                    scores_B = score_sequences(self.model, [seqs[i] for i in idx], self.pad_id, self.device, self.options.dtype)
+                    scores_B = score_sequences(self.model, [seqs[i] for i in idx], self.pad_id, self.device,
+                                               self.options.dtype)
                 for i, s in zip(idx, scores_B.tolist()):
                     scores[i] = s
         return scores
@@ -130,7 +134,8 @@ def parse_spec(arg: str) -> tuple[str, ScorerOptions]:
     """'PATH?key=value&key=value' -> (PATH, ScorerOptions); unknown keys and bad values raise ConfigError."""
     path, _, query = arg.partition("?")
     if not path:
-        raise ConfigError("reward_model: give a model directory, e.g. 'reward_model:runs/reward_model_arithmetic/final'")
+        raise ConfigError("reward_model: give a model directory, "
+                          "e.g. 'reward_model:runs/reward_model_arithmetic/final'")
     try:
         options = from_dict(ScorerOptions, parse_overrides([q for q in query.split("&") if q]))
     except ConfigError as e:

@@ -82,7 +82,8 @@ def arithmetic_preferences(split: str = "train", seed: int = 0, max_operand: int
         raise ValueError(f"arithmetic_preferences: hard_fraction must be in [0, 1], got {hard_fraction}")
     forms = ANSWER_FORMS if answer_forms is None else list(answer_forms)
     if not forms or not all(isinstance(f, str) and "{n}" in f for f in forms):
-        raise ValueError(f"arithmetic_preferences: answer_forms must be a non-empty list of strings containing '{{n}}', got {answer_forms!r}")
+        raise ValueError(f"arithmetic_preferences: answer_forms must be a non-empty list of strings "
+                         f"containing '{{n}}', got {answer_forms!r}")
     prompts = TASKS.get("arithmetic")(split=split, seed=seed, max_operand=max_operand, eval_fraction=eval_fraction,
                                       system_prompt=system_prompt)["prompt"]
     operands = []
@@ -92,7 +93,8 @@ def arithmetic_preferences(split: str = "train", seed: int = 0, max_operand: int
             raise ValueError(f"arithmetic_preferences: unexpected arithmetic prompt {prompt[-1]['content']!r}")
         operands.append((int(m.group(1)), int(m.group(2))))
     if split == "train" and train_max_operand is not None and train_max_operand > max_operand:
-        extra = [(a, b) for a in range(train_max_operand + 1) for b in range(train_max_operand + 1) if max(a, b) > max_operand]
+        extra = [(a, b) for a in range(train_max_operand + 1) for b in range(train_max_operand + 1)
+                 if max(a, b) > max_operand]
         random.Random(seed).shuffle(extra)
         head = prompts[0][:-1]  # the task's system message, if any
         prompts = list(prompts) + [head + [{"role": "user", "content": f"What is {a} + {b}?"}] for a, b in extra]

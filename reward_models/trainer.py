@@ -36,7 +36,8 @@ from rlhf.trainers.guards import NonFiniteGradients
 from rlhf.trainers.optim import Trainable, build_optimizer, build_scheduler
 
 
-def bradley_terry_loss(r_chosen_M: torch.Tensor, r_rejected_M: torch.Tensor, margin_M: Optional[torch.Tensor] = None) -> torch.Tensor:
+def bradley_terry_loss(r_chosen_M: torch.Tensor, r_rejected_M: torch.Tensor,
+                       margin_M: Optional[torch.Tensor] = None) -> torch.Tensor:
     """loss_M = -log sigmoid(r_chosen - r_rejected - margin): the negative log-likelihood of the
     preference under the Bradley-Terry model (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1;
     the margin term is Llama 2's, Touvron et al. 2023)."""
@@ -59,7 +60,8 @@ class RewardModelTrainer:
         self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
         self.train_pairs, self.eval_pairs = load_pairs(cfg.data, self.tokenizer, cfg.train.seed)
         n_eval = 0 if self.eval_pairs is None else len(self.eval_pairs)
-        self.log(f"reward model: {len(self.train_pairs)} train pairs, {n_eval} eval pairs | {cfg.train.pairs_per_step} pairs/step "
+        self.log(f"reward model: {len(self.train_pairs)} train pairs, {n_eval} eval pairs "
+                 f"| {cfg.train.pairs_per_step} pairs/step "
                  f"| {self.acc.num_processes} process(es) x {cfg.train.pairs_per_step // self.acc.num_processes} pairs "
                  f"| micro_batch_size {cfg.train.micro_batch_size} | {cfg.train.steps} steps")
 
@@ -81,7 +83,8 @@ class RewardModelTrainer:
         return self.acc.unwrap_model(self.model)
 
     def _permutation(self) -> list[int]:
-        """This epoch's pair order; with group_by_prompt, a shuffled order of prompts, each with its pairs (shuffled) together."""
+        """This epoch's pair order; with group_by_prompt, a shuffled order of prompts,
+        each with its pairs (shuffled) together."""
         g = torch.Generator().manual_seed(self.cfg.train.seed + self.state["epoch"])
         order = torch.randperm(len(self.train_pairs), generator=g).tolist()
         if not self.cfg.train.group_by_prompt:
@@ -105,7 +108,8 @@ class RewardModelTrainer:
         per = count // self.acc.num_processes
         return out[self.acc.process_index * per: (self.acc.process_index + 1) * per]
 
-    def pair_scores(self, model: torch.nn.Module, pairs: PreferencePairs, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_scores(self, model: torch.nn.Module, pairs: PreferencePairs,
+                    idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_chosen_M, r_rejected_M) for pairs `idx`, from one forward over chosen and rejected together
         (packed: one row per pair, or per run of pairs with the same prompt, sharing the common prefix;
         else 2M padded rows)."""
@@ -178,7 +182,8 @@ class RewardModelTrainer:
         model.train()
         n = len(pairs)
         record = {"step": self.state["step"], "eval/loss": self.rt.reduce_sum(sums["loss"]) / n,
-                  "eval/accuracy": self.rt.reduce_sum(sums["correct"]) / n, "eval/margin": self.rt.reduce_sum(sums["margin"]) / n,
+                  "eval/accuracy": self.rt.reduce_sum(sums["correct"]) / n,
+                  "eval/margin": self.rt.reduce_sum(sums["margin"]) / n,
                   "eval/pairs": n}
         for s in subsets:
             record[f"eval/accuracy/{s}"] = self.rt.reduce_sum(sums[f"correct/{s}"]) / pairs.subsets.count(s)
@@ -234,8 +239,11 @@ class RewardModelTrainer:
 
 def console_line(record: dict) -> str:
     if "eval/accuracy" in record:
-        subsets = "".join(f"  {k[len('eval/accuracy/'):]} {v:.3f}" for k, v in record.items() if k.startswith("eval/accuracy/"))
-        return (f"eval @ step {record['step']:>4}  accuracy {record['eval/accuracy']:.3f}{subsets}  loss {record['eval/loss']:.4f}  "
+        subsets = "".join(f"  {k[len('eval/accuracy/'):]} {v:.3f}" for k, v in record.items()
+                          if k.startswith("eval/accuracy/"))
+        return (f"eval @ step {record['step']:>4}  accuracy {record['eval/accuracy']:.3f}{subsets}  "
+                f"loss {record['eval/loss']:.4f}  "
                 f"margin {record['eval/margin']:+.3f}  ({record['eval/pairs']} pairs, {record['time/eval_s']:.1f}s)")
-    return (f"step {record['step']:>4}  loss {record['loss']:.4f}  accuracy {record['accuracy']:.3f}  margin {record['margin']:+.3f}  "
+    return (f"step {record['step']:>4}  loss {record['loss']:.4f}  accuracy {record['accuracy']:.3f}  "
+            f"margin {record['margin']:+.3f}  "
             f"lr {record['lr']:.2e}  {record['time/step_s']:.1f}s")

@@ -163,8 +163,8 @@ def test_wrong_types_in_every_form_are_value_errors():
 def test_spec_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="unknown reward function 'nope'"):
         load_reward_fn("nope")
-    with pytest.raises(FileNotFoundError, match="missing.py not found"):
+    with pytest.raises(RewardError, match="missing.py not found"):
         load_reward_fn(f"{tmp_path}/missing.py:f")
-    with pytest.raises(AttributeError, match="has no function 'nothere'"):
+    with pytest.raises(RewardError, match="has no function 'nothere'"):
         load_reward_fn("rlhf.rewards.rules:nothere")
     assert "first_number_matches" in REWARDS.names()
