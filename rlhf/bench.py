@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-SETTINGS = dict(model=os.environ.get("RLHF_BENCH_MODEL", "smollm2-135m-instruct"), prompts_per_step=2, samples_per_prompt=8, max_new_tokens=32,
-                kl_coef=0.04, lr=2e-5, updates_per_batch=1, full_finetune=True)
+SETTINGS = dict(model=os.environ.get("RLHF_BENCH_MODEL", "smollm2-135m-instruct"), prompts_per_step=2,
+                samples_per_prompt=8, max_new_tokens=32, kl_coef=0.04, lr=2e-5, updates_per_batch=1, full_finetune=True)
 
 
 def peak_rss_mb() -> float:
@@ -220,7 +220,8 @@ def run_interleaved(runs: dict[str, list[str]], rounds: int, out: Path) -> dict[
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="rlhf bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="rlhf bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=4, help="timed steps per framework")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--no-trl", action="store_true", help="time rlhf only")
@@ -238,13 +239,15 @@ def main(argv: list[str] | None = None) -> dict:
     rounds, out = a.steps + a.warmup, Path(a.out)
     from rlhf.checks import check_config
 
-    check_config(rlhf_config(a.steps, a.warmup, str(out / "rlhf"), a.overrides))  # a bad override fails here, not in a worker
+    # a bad override fails here, not in a worker
+    check_config(rlhf_config(a.steps, a.warmup, str(out / "rlhf"), a.overrides))
     rlhf_args = lambda d: ["rlhf", str(a.steps), str(a.warmup), str(d / "rlhf"), *a.overrides]  # noqa: E731
     if a.no_trl:
         result.update(run_interleaved({"rlhf": rlhf_args(out)}, rounds, out))
     else:  # one pair per TRL setting: rlhf and TRL take turns, each ratio from its own pair
         for key, gc in (("trl_defaults", "default"), ("trl_no_gradient_checkpointing", "off")):
-            pair = run_interleaved({"rlhf": rlhf_args(out / key), key: ["trl", str(a.steps), str(a.warmup), str(out / key / "trl"), gc]},
+            pair = run_interleaved({"rlhf": rlhf_args(out / key),
+                                    key: ["trl", str(a.steps), str(a.warmup), str(out / key / "trl"), gc]},
                                    rounds, out / key)
             result.setdefault("rlhf", pair["rlhf"])
             result[key] = pair[key]

@@ -113,3 +113,21 @@ def test_reward_models_uses_only_public_rlhf_names():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rlhf"):
                 private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert not private, private
+
+
+def test_no_helper_takes_the_trainer():
+    """Below the trainer only rlhf/trainers/trainer.py knows it: the step's helpers take explicit arguments.
+    (rlhf/run.py and rlhf/bench.py are clients that drive a Trainer, as a user's script does.)"""
+    clients = {ROOT / "rlhf/trainers/trainer.py", ROOT / "rlhf/run.py", ROOT / "rlhf/bench.py"}
+    offenders = []
+    for path in sorted(ROOT.glob("rlhf/**/*.py")):
+        if path in clients:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names = [a.arg for a in node.args.args + node.args.kwonlyargs]
+                offenders += [f"{path.relative_to(ROOT)}:{node.name}({n})" for n in names if n in ("trainer", "tr")]
+    graph = import_graph()
+    importers = [a for a, deps in graph.items() if "rlhf.trainers.trainer" in deps
+                 and a.startswith(("rlhf.trainers.", "rlhf.rollout", "rlhf.algos", "rlhf.models", "rlhf.engine"))]
+    assert not offenders and not importers, (offenders, importers)

@@ -4,7 +4,8 @@
     POLICY_LOSSES      algo.policy_loss   (logp_NT, old_logp_NT, adv_NT, mask_NT, cfg) -> (loss_NT, stats)
     KL_ESTIMATORS      algo.kl.estimator  (logp_NT, ref_logp_NT) -> kl_NT
     LOSS_AGGREGATIONS  algo.loss_agg      (loss_NT, mask_NT, norm) -> scalar
-    UPDATES            algo.update        (cfg) -> UpdateRule (first-order passes + an extra loss term, or a natural step)
+    UPDATES            algo.update        (cfg) -> UpdateRule
+                                          (first-order passes + an extra loss term, or a natural step)
 
 docs/algorithms.md lists every name with its formula and paper.
 """

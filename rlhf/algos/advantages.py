@@ -214,13 +214,15 @@ def _require_values(inp: AdvantageInputs, name: str) -> Tensor:
 
 @ADVANTAGES.register("td", needs_values=True)
 def td(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
-    """A_t = R_t + gamma V(s_{t+1}) - V(s_t): the 1-step TD error (docs/derivation.md#actor-critic); ret_t = R_t + gamma V(s_{t+1})."""
+    """A_t = R_t + gamma V(s_{t+1}) - V(s_t): the 1-step TD error (docs/derivation.md#actor-critic);
+    ret_t = R_t + gamma V(s_{t+1})."""
     return _nstep(inp, cfg.gamma, 1, "td")
 
 
 @ADVANTAGES.register("nstep_td", needs_values=True)
 def nstep_td(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
-    """A_t = sum_{k<n} gamma^k R_{t+k} + gamma^n V(s_{t+n}) - V(s_t), n = `algo.n_step` (n-step TD, docs/derivation.md#actor-critic)."""
+    """A_t = sum_{k<n} gamma^k R_{t+k} + gamma^n V(s_{t+n}) - V(s_t), n = `algo.n_step`
+    (n-step TD, docs/derivation.md#actor-critic)."""
     return _nstep(inp, cfg.gamma, cfg.n_step, "nstep_td")
 
 

@@ -34,7 +34,8 @@ def token_mean(loss_NT: Tensor, mask_NT: Tensor, norm: LossNormalizer) -> Tensor
 
 @LOSS_AGGREGATIONS.register("seq_mean_token_mean")
 def seq_mean_token_mean(loss_NT: Tensor, mask_NT: Tensor, norm: LossNormalizer) -> Tensor:
-    """(1/N) sum_n (1/|y_n|) sum_t loss: the mean over sequences of the per-sequence token mean (GRPO, Shao et al. 2024)."""
+    """(1/N) sum_n (1/|y_n|) sum_t loss: the mean over sequences of the per-sequence token mean
+    (GRPO, Shao et al. 2024)."""
     per_seq_N = (loss_NT * mask_NT).sum(-1) / mask_NT.sum(-1).clamp(min=1)
     return per_seq_N.sum() / norm.num_seqs
 

@@ -42,7 +42,8 @@ def check_names(cfg: Config) -> None:
     """Every algorithm name in `cfg` is registered; a ConfigError names the key and lists the valid names."""
     for key, reg, name in (
         ("algo.advantage", ADVANTAGES, cfg.algo.advantage), ("algo.policy_loss", POLICY_LOSSES, cfg.algo.policy_loss),
-        ("algo.loss_agg", LOSS_AGGREGATIONS, cfg.algo.loss_agg), ("algo.kl.estimator", KL_ESTIMATORS, cfg.algo.kl.estimator),
+        ("algo.loss_agg", LOSS_AGGREGATIONS, cfg.algo.loss_agg),
+        ("algo.kl.estimator", KL_ESTIMATORS, cfg.algo.kl.estimator),
         ("algo.is_correction", IS_CORRECTIONS, cfg.algo.is_correction), ("algo.update", UPDATES, cfg.algo.update),
     ):
         try:
@@ -56,21 +57,26 @@ def check_combination(cfg: Config, has_critic: bool = False) -> None:
     a, t = cfg.algo, cfg.train
     adv, loss, upd = ADVANTAGES.meta(a.advantage), POLICY_LOSSES.meta(a.policy_loss), UPDATES.meta(a.update)
     if has_critic and not adv.get("needs_values"):
-        raise ConfigError(f"critic.type={cfg.critic.type} builds a critic, but algo.advantage={a.advantage} uses no values "
+        raise ConfigError(f"critic.type={cfg.critic.type} builds a critic, "
+                          f"but algo.advantage={a.advantage} uses no values "
                           f"(use td, nstep_td or gae, or critic.type=auto)")
     if adv.get("needs_values") and not has_critic:
-        raise ConfigError(f"algo.advantage={a.advantage} needs a critic (values); set critic.type (auto, separate or shared) or use a critic-free "
-                          f"estimator ({', '.join(n for n in ADVANTAGES.names() if not ADVANTAGES.meta(n).get('needs_values'))})")
+        raise ConfigError(f"algo.advantage={a.advantage} needs a critic (values); "
+                          f"set critic.type (auto, separate or shared) or use a critic-free estimator ("
+                          f"{', '.join(n for n in ADVANTAGES.names() if not ADVANTAGES.meta(n).get('needs_values'))})")
     if loss.get("on_policy") and t.updates_per_batch * t.mini_batches_per_pass > 1:
-        raise ConfigError(f"algo.policy_loss={a.policy_loss} is on-policy only: set train.updates_per_batch=1 and mini_batches_per_pass=1 "
+        raise ConfigError(f"algo.policy_loss={a.policy_loss} is on-policy only: "
+                          f"set train.updates_per_batch=1 and mini_batches_per_pass=1 "
                           "or use a ratio-based loss (ppo_clip, gspo, cispo)")
     if upd.get("single_pass") and (t.updates_per_batch != 1 or t.mini_batches_per_pass != 1):
-        raise ConfigError(f"algo.update={a.update} takes one natural-gradient step per batch: set train.updates_per_batch=1 "
-                          f"and train.mini_batches_per_pass=1 (got {t.updates_per_batch} and {t.mini_batches_per_pass})")
+        raise ConfigError(f"algo.update={a.update} takes one natural-gradient step per batch: "
+                          f"set train.updates_per_batch=1 and train.mini_batches_per_pass=1 "
+                          f"(got {t.updates_per_batch} and {t.mini_batches_per_pass})")
     if t.updates_per_batch < upd.get("min_passes", 1):
         raise ConfigError(f"algo.update={a.update} needs train.updates_per_batch >= {upd['min_passes']} inner steps "
                           f"(got {t.updates_per_batch}); with one step its KL(pi || pi_old) term has no gradient")
     if a.dynamic_sampling.enabled and not adv.get("group_relative"):
         raise ConfigError(f"algo.dynamic_sampling.enabled=true drops groups with equal rewards, which only carry no "
-                          f"gradient for group-relative estimators ({', '.join(n for n in ADVANTAGES.names() if ADVANTAGES.meta(n).get('group_relative'))}); "
+                          f"gradient for group-relative estimators ("
+                          f"{', '.join(n for n in ADVANTAGES.names() if ADVANTAGES.meta(n).get('group_relative'))}); "
                           f"algo.advantage={a.advantage} is not one")

@@ -60,8 +60,9 @@ def seq_mask(old_logp_NT: Tensor, sampler_logp_NT: Tensor, mask_NT: Tensor, cap:
     lr_NT = log_ratio(old_logp_NT, sampler_logp_NT, mask_NT)
     keep_N = lr_NT.sum(-1) <= torch.log(torch.tensor(cap))
     ratio_NT = torch.exp(lr_NT)
-    return ratio_NT * keep_N.unsqueeze(-1), {"is/ratio_mean": masked_mean(ratio_NT, mask_NT),
-                                             "is/masked_frac": masked_mean((~keep_N).float().unsqueeze(-1).expand_as(mask_NT), mask_NT)}
+    return ratio_NT * keep_N.unsqueeze(-1), {
+        "is/ratio_mean": masked_mean(ratio_NT, mask_NT),
+        "is/masked_frac": masked_mean((~keep_N).float().unsqueeze(-1).expand_as(mask_NT), mask_NT)}
 
 
 def logp_gap(old_logp_NT: Tensor, sampler_logp_NT: Tensor, mask_NT: Tensor) -> tuple[Tensor, Tensor]:

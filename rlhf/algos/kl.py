@@ -38,7 +38,8 @@ def k2(logp_NT: Tensor, ref_logp_NT: Tensor) -> Tensor:
 def k3(logp_NT: Tensor, ref_logp_NT: Tensor) -> Tensor:
     """k3 = pi_ref/pi - log(pi_ref/pi) - 1 (log-ratio clamped to +-20 for stability)."""
     x_NT = (ref_logp_NT - logp_NT).clamp(-20.0, 20.0)
-    return torch.expm1(x_NT) - x_NT  # expm1: exact near 0, so never negative by rounding (exp(x) - 1 - x was -6e-8 at x = 6e-8)
+    # expm1: exact near 0, so never negative by rounding (exp(x) - 1 - x was -6e-8 at x = 6e-8)
+    return torch.expm1(x_NT) - x_NT
 
 
 def kl_to_old(logp_NT: Tensor, old_logp_NT: Tensor) -> Tensor:

@@ -44,7 +44,8 @@ def assign_flat_(params: Sequence[Tensor], flat_P: Tensor) -> None:
 
 
 def surrogate_loss_NT(logp_NT: Tensor, old_logp_NT: Tensor, adv_NT: Tensor) -> Tensor:
-    """-r_t A_t, r_t = pi/pi_old: the surrogate advantage L(theta, theta_old) (docs/derivation.md#trpo), negated, per token [N, T].
+    """-r_t A_t, r_t = pi/pi_old: the surrogate advantage L(theta, theta_old) (docs/derivation.md#trpo),
+    negated, per token [N, T].
 
     TRPO's line search measures the improvement of this surrogate (Schulman et al. 2015, eq. 14).
     Its gradient at theta_old is -A grad log pi, the gradient every registered policy loss has

@@ -35,8 +35,8 @@ def _ratio(logp_NT: Tensor, old_logp_NT: Tensor) -> Tensor:
 def pg(logp_NT: Tensor, old_logp_NT: Tensor, adv_NT: Tensor, mask_NT: Tensor, cfg) -> tuple[Tensor, dict]:
     """loss_t = -A_t log pi(a_t|s_t): the vanilla score-function estimator (Williams 1992, REINFORCE).
 
-    Its gradient -A_t grad log pi is the score-function estimator (docs/derivation.md#score-function); it is only unbiased on the
-    policy that sampled the batch (one optimizer step per batch).
+    Its gradient -A_t grad log pi is the score-function estimator (docs/derivation.md#score-function);
+    it is only unbiased on the policy that sampled the batch (one optimizer step per batch).
     """
     return -adv_NT * logp_NT, {}
 

@@ -24,7 +24,8 @@ def value_moments(values_NT: Tensor, returns_NT: Tensor, mask_NT: Tensor) -> Ten
     m = mask_NT.bool()
     r, v = returns_NT[m].double(), values_NT[m].double()
     d = r - v
-    return torch.stack([torch.tensor(float(r.numel()), dtype=torch.float64), v.sum(), r.sum(), (r * r).sum(), d.sum(), (d * d).sum()])
+    return torch.stack([torch.tensor(float(r.numel()), dtype=torch.float64), v.sum(), r.sum(), (r * r).sum(), d.sum(),
+                        (d * d).sum()])
 
 
 def explained_variance_from_moments(m_6: Tensor) -> float:
