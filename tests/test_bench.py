@@ -5,8 +5,8 @@ from rlhf.config import ConfigError
 
 
 def test_bench_times_rlhf_steps_in_a_worker_it_runs_step_by_step(tiny_model_dir, tmp_path):
-    result = bench.main(["--no-trl", "--model", str(tiny_model_dir), "--steps", "2", "--warmup", "1", "--out", str(tmp_path),
-                         "model.compute_dtype=fp32"])
+    result = bench.main(["--no-trl", "--model", str(tiny_model_dir), "--steps", "2", "--warmup", "1",
+                         "--out", str(tmp_path), "model.compute_dtype=fp32"])
     r = result["rlhf"]
     assert len(r["step_times_s"]) == 2 and r["step_s"] == pytest.approx(sum(r["step_times_s"]) / 2)
     assert {"generate", "logprob", "train", "sync"} <= set(r["phases_s"])

@@ -8,7 +8,8 @@ from rlhf.config import Config, ConfigError, describe, load_config
 def test_defaults_and_overrides_are_typed(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("train:\n  steps: 7\n  lr: 1e-5\nalgo:\n  kl:\n    coef: 0.1\n")
-    cfg = load_config(p, ["train.prompts_per_step=4", "generation.temperature=0.7", "model.lora.target_modules=[q_proj,v_proj]"])
+    cfg = load_config(p, ["train.prompts_per_step=4", "generation.temperature=0.7",
+                          "model.lora.target_modules=[q_proj,v_proj]"])
     assert cfg.train.steps == 7 and cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)
     assert cfg.algo.kl.coef == 0.1 and cfg.train.prompts_per_step == 4
     assert cfg.generation.temperature == 0.7
@@ -36,7 +37,8 @@ def test_wrong_type_names_key():
 
 def test_bad_values_fail_validation_naming_key():
     for override, key in [("train.lr=-1", "train.lr"), ("generation.temperature=0", "generation.temperature"),
-                          ("train.micro_batch_size=5", "train.micro_batch_size"), ("algo.kl.coef=-0.1", "algo.kl.coef")]:
+                          ("train.micro_batch_size=5", "train.micro_batch_size"),
+                          ("algo.kl.coef=-0.1", "algo.kl.coef")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             check_config(load_config(None, [override]))
 

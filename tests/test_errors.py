@@ -8,13 +8,15 @@ import pytest
 
 
 def run_train(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlhf.cli", "train", *overrides], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "rlhf.cli", "train", *overrides], capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.fixture
 def bad_rows(tmp_path):
     path = tmp_path / "prompts.jsonl"
-    path.write_text(json.dumps({"prompt": "What is 1 + 2 ?", "answer": 3}) + "\n" + json.dumps({"question": "1 + 1", "answer": 2}) + "\n")
+    path.write_text(json.dumps({"prompt": "What is 1 + 2 ?", "answer": 3}) + "\n"
+                    + json.dumps({"question": "1 + 1", "answer": 2}) + "\n")
     return path
 
 

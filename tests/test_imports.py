@@ -24,7 +24,8 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
     """The project modules `path` imports anywhere in its body (a `from pkg import mod` names pkg.mod);
     imports under `if TYPE_CHECKING:` are annotations only and do not count."""
     tree = ast.parse(path.read_text(), str(path))
-    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+    typing_only = {id(n) for node in ast.walk(tree)
+                   if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
                    for n in ast.walk(node)}
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
@@ -36,7 +37,8 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                + ([base] if base else []))
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:
             continue
@@ -102,7 +104,8 @@ def _edges_from(graph, prefix: str):
     ("rlhf.rollout", "rlhf.trainers"),
 ])
 def test_dependencies_go_one_way(source, forbidden):
-    bad = sorted((a, b) for a, b in _edges_from(import_graph(), source) if b == forbidden or b.startswith(forbidden + "."))
+    bad = sorted((a, b) for a, b in _edges_from(import_graph(), source)
+                 if b == forbidden or b.startswith(forbidden + "."))
     assert not bad, f"{source} must not import {forbidden}: " + ", ".join(f"{a} -> {b}" for a, b in bad)
 
 

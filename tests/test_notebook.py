@@ -33,8 +33,9 @@ def test_a_loaded_model_and_tokenizer_can_be_passed(tiny_model_dir, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     cfg = load_config(overrides=[f"output_dir={tmp_path / 'run'}", "train.steps=1", "train.prompts_per_step=2",
-                                 "train.samples_per_prompt=2", "train.micro_batch_size=2", "generation.max_new_tokens=4",
-                                 "model.compute_dtype=fp32", "log.progress=false", "checkpoint.save_final=false"])
+                                 "train.samples_per_prompt=2", "train.micro_batch_size=2",
+                                 "generation.max_new_tokens=4", "model.compute_dtype=fp32", "log.progress=false",
+                                 "checkpoint.save_final=false"])
     trainer = Trainer(cfg, model=model, tokenizer=load_tokenizer(str(tiny_model_dir)),
                       reward_funcs=[(lambda completions, **kw: [float(len(c)) for c in completions], 0.5)])
     assert trainer.unwrapped.base_model.model is model  # LoRA (the default) on the model given

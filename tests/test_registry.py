@@ -7,7 +7,8 @@ def test_unknown_name_lists_valid_names_and_suggests():
     reg = Registry("thing")
     reg.register("alpha", needs_values=True)(lambda: 1)
     reg.register("beta")(lambda: 2)
-    with pytest.raises(UnknownNameError, match=r"unknown thing 'alpah' \(did you mean 'alpha'\?\); valid names: alpha, beta"):
+    with pytest.raises(UnknownNameError,
+                       match=r"unknown thing 'alpah' \(did you mean 'alpha'\?\); valid names: alpha, beta"):
         reg.get("alpah")
     assert reg.names() == ["alpha", "beta"]
     assert reg.meta("alpha") == {"needs_values": True}

@@ -11,7 +11,8 @@ from rlhf.trainers import Trainer
 
 
 def test_flatten_and_numeric_keep_what_trackers_accept():
-    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None, "e": "x"}) == {"a.b": 1, "a.c": "[1, 2]", "d": "None", "e": "x"}
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None, "e": "x"}) == {"a.b": 1, "a.c": "[1, 2]", "d": "None",
+                                                                          "e": "x"}
     assert numeric({"step": 3, "kl": None, "x": float("nan"), "y": 0.5, "ok": True, "s": "a"}) == {"step": 3, "y": 0.5}
 
 

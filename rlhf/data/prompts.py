@@ -20,7 +20,8 @@ class DataError(UserError, ValueError):
     """Bad prompt data; the message names the file, row and column."""
 
 
-def load_prompt_dataset(spec: str, split: str = "train", task_args: dict | None = None, seed: int = 0) -> datasets.Dataset:
+def load_prompt_dataset(spec: str, split: str = "train", task_args: dict | None = None,
+                        seed: int = 0) -> datasets.Dataset:
     """A task name (its `split`), a jsonl/json/csv/parquet file, or a `save_to_disk` directory.
 
     From a saved DatasetDict, split 'train' reads its 'train' split; any other split (eval)
@@ -30,7 +31,8 @@ def load_prompt_dataset(spec: str, split: str = "train", task_args: dict | None 
         return TASKS.get(spec)(split=split, seed=seed, **(task_args or {}))
     path = Path(spec).expanduser()
     if not path.exists():
-        raise DataError(f"data: '{spec}' is neither a built-in task ({', '.join(TASKS.names())}) nor an existing file or directory")
+        raise DataError(f"data: '{spec}' is neither a built-in task ({', '.join(TASKS.names())}) "
+                        "nor an existing file or directory")
     return read_local_dataset(path, split, "prompts", ("eval", "test", "validation"))
 
 
@@ -45,13 +47,15 @@ def read_local_dataset(path: Path, split: str, what: str, fallbacks: tuple[str, 
                 names = ("train",) if split == "train" else (split, *fallbacks)
                 found = next((n for n in names if n in ds), None)
                 if found is None:
-                    raise DataError(f"{path}: saved DatasetDict has no {' / '.join(repr(n) for n in dict.fromkeys(names))} "
+                    raise DataError(f"{path}: saved DatasetDict has no "
+                                    f"{' / '.join(repr(n) for n in dict.fromkeys(names))} "
                                     f"split (splits: {', '.join(ds)})")
                 ds = ds[found]
             return ds
         fmt = FORMATS.get(path.suffix.lower())
         if fmt is None:
-            raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(FORMATS)} or a saved dataset directory")
+            raise DataError(f"{path}: unsupported file type '{path.suffix}'; "
+                            f"use one of {', '.join(FORMATS)} or a saved dataset directory")
         return datasets.load_dataset(fmt, data_files=str(path), split="train")
     except DataError:
         raise
@@ -128,7 +132,8 @@ class PromptSource:
             if len(ids) > max_prompt_tokens:
                 self.stats["prompts/too_long"] += 1
                 if on_long_prompt == "error":
-                    raise DataError(f"{where}: prompt has {len(ids)} tokens > data.max_prompt_tokens={max_prompt_tokens} "
+                    raise DataError(f"{where}: prompt has {len(ids)} tokens "
+                                    f"> data.max_prompt_tokens={max_prompt_tokens} "
                                     "(set data.on_long_prompt=filter or truncate)")
                 if on_long_prompt == "filter":
                     self.stats["prompts/filtered"] += 1

@@ -37,7 +37,8 @@ class ValueModel(nn.Module):
     def config(self):
         return (self._shared[0] if self.shared else self.backbone).config
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0, **kw) -> Tensor:
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0,
+                **kw) -> Tensor:
         """values_RK for the last `logits_to_keep` columns (all columns when 0)."""
         kwargs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
         if self.shared:

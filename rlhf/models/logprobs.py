@@ -28,7 +28,8 @@ from torch import Tensor
 from rlhf.models.precision import autocast
 
 CHUNK_ROWS: Optional[int] = None  # logit rows per chunk; None: by device, `_chunk_rows`
-CPU_CHUNK_BYTES = 2 << 20  # a chunk's fp32 rows stay in cache through their five passes (SmolLM2, 514 rows: 3x faster than 1024-row chunks)
+# a chunk's fp32 rows stay in cache through their five passes (SmolLM2, 514 rows: 3x faster than 1024-row chunks)
+CPU_CHUNK_BYTES = 2 << 20
 GPU_CHUNK_ROWS = 1024
 
 
@@ -54,7 +55,8 @@ class PackedBatch:
     max_len: int  # T, the longest completion
 
 
-def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, share_prompts: bool = True) -> PackedBatch:
+def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
+         share_prompts: bool = True) -> PackedBatch:
     """One row per run of consecutive samples with identical prompts (or per sample without sharing)."""
     rows: list[tuple[list[int], list[int]]] = []  # (prompt, sample indices)
     for i, p in enumerate(prompt_ids):
@@ -94,7 +96,7 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: i
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     visible = causal & ((k == -1) | (k == q))
     visible |= torch.eye(L, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax)
-    as_t = lambda x: torch.tensor(x, dtype=torch.long)
+    as_t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return PackedBatch(ids, pos, visible, keep, as_t(row_M), as_t(target_M), as_t(sample_M), as_t(pos_M),
                        len(prompt_ids), max((len(c) for c in completion_ids), default=1) or 1)
 
@@ -180,7 +182,8 @@ def scatter_tokens(pb: PackedBatch, values_M: Tensor) -> Tensor:
 
 def packed_logprobs(model: torch.nn.Module, pb: PackedBatch, temperature: float = 1.0, compute_dtype: str = "fp32",
                     device=None, entropy: bool = True) -> tuple[Tensor, Optional[Tensor]]:
-    """(logp_NT, entropy_NT) for the packed samples, zero past each completion's end (entropy_NT None unless `entropy`)."""
+    """(logp_NT, entropy_NT) for the packed samples, zero past each completion's end
+    (entropy_NT None unless `entropy`)."""
     device = device or pb.input_ids_RL.device
     with autocast(compute_dtype, device):
         logits = model(**model_inputs(model, pb, compute_dtype, device)).logits
@@ -189,9 +192,9 @@ def packed_logprobs(model: torch.nn.Module, pb: PackedBatch, temperature: float 
     return scatter_tokens(pb, logp_M), scatter_tokens(pb, ent_M.detach()) if entropy else None
 
 
-def sample_logprobs(model: torch.nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, *,
-                    temperature: float = 1.0, compute_dtype: str = "fp32", device=None, pack_prompts: bool = True,
-                    entropy: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+def sample_logprobs(model: torch.nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                    pad_id: int, *, temperature: float = 1.0, compute_dtype: str = "fp32", device=None,
+                    pack_prompts: bool = True, entropy: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """(logp_NT, entropy_NT) of the completions under `model` (call it through its DDP/FSDP wrapper when training).
 
     T is the longest completion; entries past a completion's end are 0. entropy_NT is None unless `entropy`.
@@ -200,8 +203,8 @@ def sample_logprobs(model: torch.nn.Module, prompt_ids: list[list[int]], complet
     return packed_logprobs(model, pb, temperature, compute_dtype, device, entropy)
 
 
-def sample_log_softmax(model: torch.nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, *,
-                       temperature: float = 1.0, compute_dtype: str = "fp32", device=None,
+def sample_log_softmax(model: torch.nn.Module, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                       pad_id: int, *, temperature: float = 1.0, compute_dtype: str = "fp32", device=None,
                        pack_prompts: bool = True) -> tuple[Tensor, PackedBatch]:
     """(logp_MV, packed batch): the full log-softmax over the vocabulary for every completion token m
     (token m is sample `pb.sample_M[m]`, position `pb.pos_M[m]`, id `pb.target_M[m]`), in fp32.

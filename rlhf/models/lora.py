@@ -11,7 +11,8 @@ def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def apply_lora(model: torch.nn.Module, lora, task_type: str | None = "CAUSAL_LM", key: str = "model.lora") -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, lora, task_type: str | None = "CAUSAL_LM",
+               key: str = "model.lora") -> torch.nn.Module:
     """`model` wrapped with a LoRA adapter of `lora` (rlhf.config.LoraConfig: r, alpha, dropout, target_modules,
     ['all-linear'] for every linear layer); the trainable parameters (the adapters, and a SEQ_CLS score head) in
     fp32 whatever the base's dtype. A bad `target_modules` fails naming the config key (`key`.target_modules)."""

@@ -62,7 +62,8 @@ class Bf16Casts:
         """Swap every trainable fp32 `nn.Linear` of `model` for a `Bf16CastLinear` on the same parameters
         (names, state dict and optimizer are unchanged); returns how many were swapped."""
         swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-                 if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32 and child.weight.requires_grad]
+                 if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32
+                 and child.weight.requires_grad]
         for parent, name, child in swaps:
             setattr(parent, name, Bf16CastLinear(child, self))
         return len(swaps)

@@ -162,7 +162,8 @@ def run_program(code: str, tests: list[dict], limits: Limits = Limits()) -> Sand
         os.chown(workdir, NOBODY, NOBODY)
     read_fd, write_fd = os.pipe()
     job = {"code": code, "tests": [{k: v for k, v in t.items() if k in ("call", "stdin")} for t in tests],
-           "workdir": str(workdir), "result_fd": write_fd, "uid": NOBODY, "gid": NOBODY, "limits": asdict(limits), "audit_hook": limits.audit_hook}
+           "workdir": str(workdir), "result_fd": write_fd, "uid": NOBODY, "gid": NOBODY, "limits": asdict(limits),
+           "audit_hook": limits.audit_hook}
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(workdir), "TMPDIR": str(workdir),
            "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # no secrets inherited
     raw = bytearray()
@@ -226,7 +227,8 @@ def make_code_exec_reward(limits: Optional[Limits] = None, tests_column: str = "
 
     def code_exec(prompts=None, completions=None, completion_ids=None, **columns) -> list[Optional[float]]:
         if tests_column not in columns:
-            raise ValueError(f"code_exec needs a '{tests_column}' dataset column (columns: {', '.join(columns) or 'none'})")
+            raise ValueError(f"code_exec needs a '{tests_column}' dataset column "
+                             f"(columns: {', '.join(columns) or 'none'})")
         jobs = []
         for completion, tests in zip(completions, columns[tests_column]):
             parsed = parse_tests(tests)

@@ -46,7 +46,8 @@ def _libc():
 
 def python_roots() -> list[str]:
     """Directories the interpreter imports from (outermost only)."""
-    dirs = sorted({os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path] if p and os.path.isdir(p)})
+    dirs = sorted({os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path]
+                   if p and os.path.isdir(p)})
     return [d for d in dirs if not any(d != o and d.startswith(o.rstrip("/") + "/") for o in dirs)]
 
 
@@ -88,10 +89,12 @@ def isolate_namespaces(workdir: str, uid: int) -> dict:
     if ok:
         for line in open("/proc/self/mountinfo"):
             mountpoint = line.split()[4]
-            if mountpoint != workdir and libc.mount(None, mountpoint.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None):
+            if mountpoint != workdir and libc.mount(None, mountpoint.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY,
+                                                    None):
                 failed += 1
     fs = f"{label}mntns: read-only except the working directory" if ok else "none (audit hook only)"
-    return {"network": f"{label}netns", "filesystem": fs + (f" ({failed} mounts stayed writable)" if ok and failed else "")}
+    return {"network": f"{label}netns",
+            "filesystem": fs + (f" ({failed} mounts stayed writable)" if ok and failed else "")}
 
 
 def drop_privileges(uid: int, gid: int) -> str:
@@ -117,8 +120,8 @@ def set_limits(lim: dict) -> None:
 
 def install_audit_hook(workdir: str) -> None:
     workdir = os.path.realpath(workdir)
-    readable = set(python_roots()) | {"/usr/lib", "/usr/local/lib", "/lib", "/lib64", "/usr/lib64", "/usr/share/zoneinfo", "/etc/localtime",
-                 "/dev/null", "/dev/urandom", "/dev/zero"}
+    readable = set(python_roots()) | {"/usr/lib", "/usr/local/lib", "/lib", "/lib64", "/usr/lib64",
+                                      "/usr/share/zoneinfo", "/etc/localtime", "/dev/null", "/dev/urandom", "/dev/zero"}
 
     def inside(path, roots) -> bool:
         real = os.path.realpath(os.path.join(workdir, os.fsdecode(path)))

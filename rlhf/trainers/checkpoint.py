@@ -57,7 +57,8 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state[n].to(p.dtype))

@@ -38,7 +38,8 @@ def layout(acc: Accelerator) -> str:
     if dt == DistributedType.DEEPSPEED:
         stage = acc.state.deepspeed_plugin.zero_stage
         if stage not in (2, 3):
-            raise ConfigError(f"DeepSpeed ZeRO stage {stage} is not supported; use launch/zero2.yaml or launch/zero3.yaml")
+            raise ConfigError(f"DeepSpeed ZeRO stage {stage} is not supported; "
+                              "use launch/zero2.yaml or launch/zero3.yaml")
         return f"zero{stage}"
     if dt == DistributedType.FSDP:
         if not acc.is_fsdp2:
@@ -56,8 +57,8 @@ def check_layout(cfg: Config, acc: Accelerator, mode: str) -> None:
         raise ConfigError(f"model.lora.enabled=true with {mode} is not supported: a LoRA run trains a small adapter, "
                           "shard nothing (launch/multi_gpu_ddp.yaml) or only the optimizer (launch/zero2.yaml)")
     if shards_optimizer(mode) and critic_type(cfg) != "none":
-        raise ConfigError(f"a critic (algo.advantage={cfg.algo.advantage}, critic.type={cfg.critic.type}) runs under one "
-                          f"process or DDP only, not {mode}: its own optimizer is not sharded yet")
+        raise ConfigError(f"a critic (algo.advantage={cfg.algo.advantage}, critic.type={cfg.critic.type}) "
+                          f"runs under one process or DDP only, not {mode}: its own optimizer is not sharded yet")
 
 
 def whole_loading(mode: str):
@@ -168,7 +169,8 @@ def save_sharded(model, optimizer, path, mode: str) -> None:
 def load_sharded(model, optimizer, path, mode: str) -> None:
     """Collective inverse of `save_sharded` (same layout and number of processes)."""
     if mode in ("zero2", "zero3"):
-        loaded, _ = model.load_checkpoint(str(path), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=False)
+        loaded, _ = model.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
         if loaded is None:
             raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint")
     elif mode == "fsdp2":
@@ -178,7 +180,8 @@ def load_sharded(model, optimizer, path, mode: str) -> None:
         msd, osd = get_state_dict(model, inner_optimizer(optimizer))
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, inner_optimizer(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, inner_optimizer(optimizer), model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
 
 
 def inner_optimizer(optimizer):

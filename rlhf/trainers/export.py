@@ -21,7 +21,8 @@ def run_config(run_dir: Path):
 
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {run_dir} is not a run directory (the output_dir of a training run)")
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not a run directory "
+                                "(the output_dir of a training run)")
     return load_config(path)  # JSON is YAML
 
 

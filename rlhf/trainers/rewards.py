@@ -12,7 +12,8 @@ from rlhf.runtime import Runtime
 from rlhf.trainers.experience import Experience, score_at_last_token
 
 
-def token_rewards(exp: Experience, kl_fn: Callable, beta: float, in_reward: bool, rt: Runtime) -> tuple[Tensor, Optional[float]]:
+def token_rewards(exp: Experience, kl_fn: Callable, beta: float, in_reward: bool,
+                  rt: Runtime) -> tuple[Tensor, Optional[float]]:
     """(rewards_NT, mean KL per token over every process or None): r_t = score [t = last] - beta KL_t(old || ref)
     when `in_reward` (Ziegler et al. 2019), else the score on the last token alone."""
     rewards_NT = score_at_last_token(exp.scores_N, exp.mask_NT)

@@ -29,7 +29,8 @@ def test_ppo_clip_hand_computed():
 def test_dual_clip_caps_negative_advantage_loss():
     cfg = AlgoConfig(dual_clip=3.0)
     logp = torch.log(torch.tensor([[5.0, 5.0]]))
-    loss, stats = POLICY_LOSSES.get("ppo_clip")(logp, torch.zeros(1, 2), torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2), cfg)
+    loss, stats = POLICY_LOSSES.get("ppo_clip")(logp, torch.zeros(1, 2), torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2),
+                                                cfg)
     assert torch.allclose(loss, torch.tensor([[3.0, -1.2]]))
     assert stats["dual_clipfrac"] == 0.5
 

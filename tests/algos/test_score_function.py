@@ -53,7 +53,8 @@ def rewards_NT(a_N2):
 def exact_grad(policy):
     """grad J, J = sum over all K^2 trajectories of p(traj) (R0 + gamma R1)."""
     a = torch.tensor(list(itertools.product(range(K), repeat=2)))
-    J = (policy.logp_NT(a).sum(-1).exp() * (rewards_NT(a) * torch.tensor([1.0, GAMMA], dtype=torch.float64)).sum(-1)).sum()
+    J = (policy.logp_NT(a).sum(-1).exp()
+         * (rewards_NT(a) * torch.tensor([1.0, GAMMA], dtype=torch.float64)).sum(-1)).sum()
     return torch.autograd.grad(J, list(policy.parameters()))
 
 
@@ -66,7 +67,8 @@ def sample(policy, N, seed):
 
 
 def pipeline_grads(policy, a_N2, advantage, G, gamma_t=False):
-    """The gradient ascent direction the trainer follows: -grad of AGG(PG loss(ADV)), summed over tokens, mean over samples.
+    """The gradient ascent direction the trainer follows: -grad of AGG(PG loss(ADV)), summed over tokens,
+    mean over samples.
 
     `gamma_t`: weight token t by gamma^t, Psi_t = gamma^t G_t for the discounted J (docs/derivation.md#causality).
     """
@@ -90,13 +92,15 @@ def test_reinforce_reward_to_go_matches_the_exact_gradient():
     """
     policy = TwoStepPolicy()
     exact = torch.cat([g.reshape(-1) for g in exact_grad(policy)])
-    ests = torch.stack([torch.cat([g.reshape(-1) for g in pipeline_grads(policy, sample(policy, 64, s), "reinforce", 1, True)])
+    ests = torch.stack([torch.cat([g.reshape(-1)
+                                   for g in pipeline_grads(policy, sample(policy, 64, s), "reinforce", 1, True)])
                         for s in range(200)])
     mean, se = ests.mean(0), ests.std(0) / ests.shape[0] ** 0.5
     assert torch.all((mean - exact).abs() < 4 * se + 1e-9), (mean, exact, se)
     assert exact.abs().max() > 0.05  # a non-trivial gradient
     # without the gamma^t weight (the common practice with gamma < 1) the second token's gradient is off by 1/gamma
-    plain = torch.stack([torch.cat([g.reshape(-1) for g in pipeline_grads(policy, sample(policy, 64, s), "reinforce", 1)])
+    plain = torch.stack([torch.cat([g.reshape(-1)
+                                    for g in pipeline_grads(policy, sample(policy, 64, s), "reinforce", 1)])
                          for s in range(200)]).mean(0)
     assert torch.any((plain - exact).abs() > 4 * se + 1e-9)
 
@@ -112,7 +116,8 @@ def test_rloo_matches_the_exact_gradient():
         r = rewards_NT(a_N2)
         score = r[:, 0] + GAMMA * r[:, 1]
         mask = torch.ones(N, 2, dtype=torch.float64)
-        adv, _ = ADVANTAGES.get("rloo")(AdvantageInputs(torch.stack([torch.zeros(N, dtype=torch.float64), score], 1), mask, G), AlgoConfig())
+        adv, _ = ADVANTAGES.get("rloo")(AdvantageInputs(torch.stack([torch.zeros(N, dtype=torch.float64), score], 1),
+                                                        mask, G), AlgoConfig())
         logp = policy.logp_NT(a_N2)
         loss = (POLICY_LOSSES.get("pg")(logp, logp.detach(), adv, mask, AlgoConfig())[0]).sum() / N
         return -torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(policy.parameters()))])

@@ -26,7 +26,7 @@ def test_every_format_loads_with_extra_columns(tmp_path):
 def test_arithmetic_task_is_seeded_with_disjoint_splits():
     train, ev = TASKS.get("arithmetic")("train", seed=1), TASKS.get("arithmetic")("eval", seed=1)
     assert len(train) == 80 and len(ev) == 20
-    key = lambda d: {m[-1]["content"] for m in d["prompt"]}
+    key = lambda d: {m[-1]["content"] for m in d["prompt"]}  # noqa: E731
     assert not key(train) & key(ev)
     assert train["prompt"] == TASKS.get("arithmetic")("train", seed=1)["prompt"]
     assert train["prompt"] != TASKS.get("arithmetic")("train", seed=2)["prompt"]
@@ -101,8 +101,10 @@ def test_empty_or_non_string_prompts_name_file_row_and_column(tmp_path, tokenize
 
 def test_unreadable_files_name_the_file_and_the_bad_line(tmp_path):
     cases = {
-        "bad.jsonl": ('{"prompt": "a"}\n{"prompt": "b"}\n{not json\n', r"bad.jsonl: cannot read prompts: line 3 \(row 2\): invalid JSON"),
-        "list.jsonl": ('{"prompt": "a"}\n["prompt"]\n', r"list.jsonl: cannot read prompts: line 2 \(row 1\): expected a JSON object"),
+        "bad.jsonl": ('{"prompt": "a"}\n{"prompt": "b"}\n{not json\n',
+                      r"bad.jsonl: cannot read prompts: line 3 \(row 2\): invalid JSON"),
+        "list.jsonl": ('{"prompt": "a"}\n["prompt"]\n',
+                       r"list.jsonl: cannot read prompts: line 2 \(row 1\): expected a JSON object"),
         "binary.jsonl": (b"\xff\xfe\x00\x01garbage", r"binary.jsonl: cannot read prompts: UnicodeDecodeError"),
         "broken.parquet": (b"PAR1 not really", r"broken.parquet: cannot read prompts: ArrowInvalid"),
         "quote.csv": ('prompt,answer\n"a",1\n"b,2\n', r"quote.csv: cannot read prompts: ParserError: .*row 2"),

@@ -38,8 +38,10 @@ def test_standard_prompt_only_with_trl_reward_functions(tiny_cfg, tmp_path):
     data = tmp_path / "standard.jsonl"  # TRL's standard prompt-only format, plus a column for reward_func
     data.write_text("".join(json.dumps({"prompt": p, "ground_truth": g}) + "\n"
                             for p, g in [("The sky is", "blue"), ("The sun is", "yellow"), ("What is 1 + 1 ?", "2")]))
-    fns = f"reward.functions=[{{fn: '{tmp_path}/trl_rewards.py:reward_len'}}, {{fn: '{tmp_path}/trl_rewards.py:reward_func'}}]"
-    trainer = Trainer(tiny_cfg(f"data.train={data}", fns, "train.steps=2", "log.trackers=[]", "log.completions_per_step=8"))
+    fns = (f"reward.functions=[{{fn: '{tmp_path}/trl_rewards.py:reward_len'}}, "
+           f"{{fn: '{tmp_path}/trl_rewards.py:reward_func'}}]")
+    trainer = Trainer(tiny_cfg(f"data.train={data}", fns, "train.steps=2", "log.trackers=[]",
+                               "log.completions_per_step=8"))
     records = trainer.train()
     rows = read_jsonl(trainer.out / "completions.jsonl")
     assert len(rows) == 16

@@ -11,7 +11,8 @@ from rlhf.models.loading import inference_copy, load_causal_lm
 
 
 def _bf16(model_dir):
-    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval().requires_grad_(False)
+    return (transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+            .requires_grad_(False))
 
 
 def _hf_greedy(model, prompts, pad_id, eos_id, max_new_tokens):
@@ -31,7 +32,8 @@ def tiny_qwen2_dir(tmp_path_factory, tokenizer):
     torch.manual_seed(1)
     cfg = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   tie_word_embeddings=False)
     model = transformers.Qwen2ForCausalLM(cfg)
     with torch.no_grad():
         for layer in model.model.layers:  # visible biases, so a dropped one would show
@@ -49,11 +51,13 @@ def test_greedy_decoding_matches_generate_with_left_padded_prompts(arch, tiny_mo
     prompts = [[7, 8, 9, 10, 11, 12], [13, 14], [9, 7, 15]]  # three lengths: left padding inside the prefill
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ref_NT, ref_logp_NT = _hf_greedy(model, prompts, pad, eos, max_new_tokens=12)
-    tokens_NT, logp_NT = sample(FusedDecoder(model), prompts, 1, SamplingParams(max_new_tokens=12, greedy=True), {eos}, pad)
+    tokens_NT, logp_NT = sample(FusedDecoder(model), prompts, 1, SamplingParams(max_new_tokens=12, greedy=True),
+                                {eos}, pad)
     assert tokens_NT.shape == ref_NT.shape
     assert torch.equal(tokens_NT, ref_NT)
     real_NT = ref_NT != pad
-    assert (logp_NT - ref_logp_NT)[real_NT].abs().max() < 2e-2  # bf16 network, same ops up to fp32 rounding in the norms
+    # bf16 network, same ops up to fp32 rounding in the norms
+    assert (logp_NT - ref_logp_NT)[real_NT].abs().max() < 2e-2
 
 
 def test_warping_matches_transformers_warpers():
@@ -94,7 +98,8 @@ def test_rows_stop_at_eos_and_decoding_ends_when_all_have(tiny_model_dir, tokeni
     tokens_NT, _ = sample(FusedDecoder(model), [[7, 8]], 5, SamplingParams(max_new_tokens=8), everything, pad)
     assert tokens_NT.shape == (5, 1)
     torch.manual_seed(0)
-    tokens_NT, logp_NT = sample(FusedDecoder(model), [[7, 8]], 16, SamplingParams(max_new_tokens=10, temperature=2.0), {9, 10, 11}, pad)
+    tokens_NT, logp_NT = sample(FusedDecoder(model), [[7, 8]], 16, SamplingParams(max_new_tokens=10, temperature=2.0),
+                                {9, 10, 11}, pad)
     for row, logps in zip(tokens_NT.tolist(), logp_NT.tolist()):
         ends = [i for i, t in enumerate(row) if t in (9, 10, 11)]
         if ends:  # padding after the first EOS, with log-prob 0
@@ -116,7 +121,9 @@ def test_engine_decodes_with_the_synced_weights(tiny_model_dir, tokenizer):
             p.add_(torch.randn_like(p) * 0.3)
     engine.update_weights(model)
     after = engine.generate([[7, 8, 9]], n=1, sampling=greedy).completion_ids
-    ref_NT, _ = _hf_greedy(inference_copy(model, torch.bfloat16), [[7, 8, 9]], tokenizer.pad_token_id, tokenizer.eos_token_id, 8)
+    ref_NT, _ = _hf_greedy(inference_copy(model, torch.bfloat16), [[7, 8, 9]], tokenizer.pad_token_id,
+                           tokenizer.eos_token_id, 8)
     expected = ref_NT[0].tolist()
-    expected = expected[: expected.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in expected else expected
+    expected = (expected[: expected.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in expected
+                else expected)
     assert after[0] == expected and after != before

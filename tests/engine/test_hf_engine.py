@@ -28,7 +28,8 @@ def test_generate_groups_lengths_and_sampler_logps(tiny_model_dir, tokenizer):
         assert tokenizer.eos_token_id not in comp[:-1]
     # sampler log-probs equal the trainer's log-probs at the same temperature
     with torch.no_grad():
-        logp, _ = sample_logprobs(model.eval(), out.prompt_ids, out.completion_ids, tokenizer.pad_token_id, temperature=0.9)
+        logp, _ = sample_logprobs(model.eval(), out.prompt_ids, out.completion_ids, tokenizer.pad_token_id,
+                                  temperature=0.9)
     for i, comp in enumerate(out.completion_ids):
         assert torch.allclose(torch.tensor(out.sampler_logps[i]), logp[i, : len(comp)], atol=1e-4)
 

@@ -18,8 +18,8 @@ PROMPTS = [[7, 8, 9], [10, 11], [12, 13, 14, 15], [20, 8]]
 @pytest.fixture(scope="module")
 def setup(tiny_vllm_model_dir):
     """(engine, model, tokenizer): one engine for the module (vLLM start-up is slow)."""
-    cfg = load_config(None, [f"model.path={tiny_vllm_model_dir}", "model.compute_dtype=fp32", "model.lora.enabled=false",
-                             "generation.engine=vllm", "generation.vllm.kv_cache_gb=0.25"])
+    cfg = load_config(None, [f"model.path={tiny_vllm_model_dir}", "model.compute_dtype=fp32",
+                             "model.lora.enabled=false", "generation.engine=vllm", "generation.vllm.kv_cache_gb=0.25"])
     cfg.validate()
     tokenizer = load_tokenizer(str(tiny_vllm_model_dir))
     model = load_causal_lm(str(tiny_vllm_model_dir))
@@ -49,7 +49,8 @@ def test_generate_groups_eos_and_sampler_logps(setup):
     assert any(out.finished) and not all(out.finished)  # both endings occur, so both are checked
     # the sampler's log-probs are the trainer's at the same temperature (fp32 on both sides)
     with torch.no_grad():
-        logp_NT, _ = sample_logprobs(model.eval(), out.prompt_ids, out.completion_ids, tokenizer.pad_token_id, temperature=0.9)
+        logp_NT, _ = sample_logprobs(model.eval(), out.prompt_ids, out.completion_ids, tokenizer.pad_token_id,
+                                     temperature=0.9)
     for i, comp in enumerate(out.completion_ids):
         assert torch.allclose(torch.tensor(out.sampler_logps[i]), logp_NT[i, : len(comp)], atol=1e-3)
 

@@ -8,7 +8,8 @@ from rlhf.models.loading import load_causal_lm
 def lora_model(path, r=4, seed=1):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(load_causal_lm(str(path)), LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(load_causal_lm(str(path)),
+                           LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

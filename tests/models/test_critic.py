@@ -37,7 +37,8 @@ def test_value_loss_drives_values_to_returns(tiny_model_dir):
 
 
 def test_lora_critic_trains_adapter_and_head_only(tiny_model_dir):
-    critic = load_value_model(str(tiny_model_dir), LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj"]), "fp32")
+    critic = load_value_model(str(tiny_model_dir), LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj"]),
+                              "fp32")
     names = [n for n, p in critic.named_parameters() if p.requires_grad]
     assert "head.weight" in names and all("lora_" in n or n.startswith("head.") for n in names)
 
@@ -46,4 +47,5 @@ def test_clipped_value_loss_hand_computed():
     v, old, ret = torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[3.0]])
     assert clipped_value_loss(v, old, ret, None).item() == 0.5
     assert clipped_value_loss(v, old, ret, 0.5).item() == 0.5 * 2.5 ** 2  # the clipped value is farther
-    assert explained_variance(ret, ret, torch.ones(1, 1)) != explained_variance(ret, ret, torch.ones(1, 1))  # nan: 1 token
+    # nan: 1 token
+    assert explained_variance(ret, ret, torch.ones(1, 1)) != explained_variance(ret, ret, torch.ones(1, 1))

@@ -24,7 +24,8 @@ def test_embedded_model_loads_and_answers_with_its_chat_template():
     tok = load_tokenizer("smollm2-135m-instruct")
     model = load_causal_lm("smollm2-135m-instruct")
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 5?"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 5?"}], tokenize=False,
+                                   add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")
     ids = tok(text, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)

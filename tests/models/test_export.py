@@ -64,7 +64,8 @@ def test_checkpoint_export_carries_the_checkpoint_weights(lora_run, tmp_path, id
     params = dict(policy.named_parameters())
     assert all(torch.equal(params[n].detach(), t) for n, t in saved.items())
     assert torch.allclose(logits(model3, ids), logits(policy, ids), atol=0.05)
-    latest = AutoModelForCausalLM.from_pretrained(export_run(run_dir, merge=True, checkpoint="latest", output=tmp_path / "m6"))
+    latest = AutoModelForCausalLM.from_pretrained(export_run(run_dir, merge=True, checkpoint="latest",
+                                                             output=tmp_path / "m6"))
     final = AutoModelForCausalLM.from_pretrained(export_run(run_dir, merge=True, output=tmp_path / "final"))
     assert torch.allclose(logits(latest, ids), logits(final, ids), atol=1e-5)  # step 6 is the final model
     assert not torch.allclose(logits(model3.float(), ids), logits(latest, ids), atol=1e-4)

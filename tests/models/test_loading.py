@@ -11,7 +11,8 @@ def test_missing_model_dir_is_named(tmp_path):
 
 
 def test_lora_policy_trains_only_adapters_and_has_no_reference_copy(tiny_model_dir):
-    mcfg = ModelConfig(path=str(tiny_model_dir), compute_dtype="fp32", lora=LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj"]))
+    mcfg = ModelConfig(path=str(tiny_model_dir), compute_dtype="fp32",
+                       lora=LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj"]))
     policy = load_policy(mcfg)
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -45,7 +46,8 @@ def test_model_code_from_the_model_directory_never_runs_unless_trusted(tmp_path)
     (model_dir / "config.json").write_text(
         '{"model_type": "rlhf_custom", "auto_map": {"AutoConfig": "custom.CustomConfig", '
         '"AutoModelForCausalLM": "custom.CustomModel", "AutoTokenizer": ["custom.CustomTokenizer", null]}}')
-    (model_dir / "tokenizer_config.json").write_text('{"auto_map": {"AutoTokenizer": ["custom.CustomTokenizer", null]}}')
+    (model_dir / "tokenizer_config.json").write_text('{"auto_map": {"AutoTokenizer": '
+                                                      '["custom.CustomTokenizer", null]}}')
     (model_dir / "custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     assert Config().model.trust_remote_code is False
     with pytest.raises(ValueError, match="trust_remote_code=True"):

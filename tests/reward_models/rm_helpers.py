@@ -28,8 +28,9 @@ def rm_overrides(model_dir: Path, data: Path, out: Path, *extra: str) -> list[st
     """A fast reward-model run on the tiny model: fp32, full fine-tuning, 4 pairs per step."""
     return [
         f"model.path={model_dir}", "model.compute_dtype=fp32", "model.lora.enabled=false", f"data.train={data}",
-        f"data.eval={data}", f"output_dir={out}", "train.steps=12", "train.pairs_per_step=4", "train.micro_batch_size=2",
-        "train.lr=1e-2", "train.lr_schedule=constant", "eval.every=6", "eval.at_start=true", "progress=false", *extra,
+        f"data.eval={data}", f"output_dir={out}", "train.steps=12", "train.pairs_per_step=4",
+        "train.micro_batch_size=2", "train.lr=1e-2", "train.lr_schedule=constant", "eval.every=6", "eval.at_start=true",
+        "progress=false", *extra,
     ]
 
 

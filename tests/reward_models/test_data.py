@@ -27,7 +27,8 @@ def test_missing_column_names_file_and_column(tmp_path, tokenizer):
 @pytest.mark.parametrize("row, match", [
     ({"chosen": "yes", "rejected": "  "}, r"prefs\.jsonl: row 2, column 'rejected': is empty"),
     ({"chosen": "", "rejected": "no"}, r"prefs\.jsonl: row 2, column 'chosen': is empty"),
-    ({"prompt": CHAT_PROMPT, "chosen": [{"role": "assistant", "content": ""}], "rejected": [{"role": "assistant", "content": "no"}]},
+    ({"prompt": CHAT_PROMPT, "chosen": [{"role": "assistant", "content": ""}],
+      "rejected": [{"role": "assistant", "content": "no"}]},
      r"row 2, column 'chosen': message 0 \(assistant\) has empty content"),
     ({"prompt": CHAT_PROMPT, "chosen": [{"role": "assistant"}], "rejected": [{"role": "assistant", "content": "no"}]},
      r"row 2, column 'chosen': message 0 must be a dict with string 'role' and 'content'"),
@@ -45,7 +46,8 @@ def test_mixed_formats_in_a_row_are_rejected(tmp_path, tokenizer):
     from reward_models.data import check_row
 
     row = {"prompt": CHAT_PROMPT, "chosen": "yes", "rejected": "no"}
-    with pytest.raises(DataError, match=r"x: row 0: 'chosen' is a string, 'rejected' is a string, 'prompt' is chat messages"):
+    with pytest.raises(DataError,
+                       match=r"x: row 0: 'chosen' is a string, 'rejected' is a string, 'prompt' is chat messages"):
         check_row(row, 0, "x", PreferenceDataConfig())
 
 
@@ -124,7 +126,8 @@ def test_saved_dataset_dict_splits(tmp_path, tokenizer):
     import datasets
 
     rows = separable_rows()
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:2])}).save_to_disk(tmp_path / "dd")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[:2])}).save_to_disk(tmp_path / "dd")
     train, held = load_pairs(PreferenceDataConfig(train=str(tmp_path / "dd"), eval=str(tmp_path / "dd")), tokenizer)
     assert (len(train), len(held)) == (4, 2)
     datasets.DatasetDict({"other": datasets.Dataset.from_list(rows)}).save_to_disk(tmp_path / "bad")
@@ -134,12 +137,14 @@ def test_saved_dataset_dict_splits(tmp_path, tokenizer):
 
 def test_arithmetic_preferences_wider_train_operands_never_touch_eval():
     make = PREFERENCE_TASKS.get("arithmetic_preferences")
-    train, held = make("train", train_max_operand=12, pairs_per_prompt=1), make("eval", train_max_operand=12, pairs_per_prompt=1)
+    train, held = (make("train", train_max_operand=12, pairs_per_prompt=1),
+                   make("eval", train_max_operand=12, pairs_per_prompt=1))
     questions = lambda ds: {p[-1]["content"] for p in ds["prompt"]}  # noqa: E731
     assert len(questions(train)) == 80 + (13 * 13 - 100) and len(held) == 20
     assert held.to_list() == make("eval", pairs_per_prompt=1).to_list()  # eval is unchanged
     assert not questions(train) & questions(held)
-    assert "What is 12 + 3?" in questions(train) and first_number_matches(train["chosen"], train["answer"]) == [1.0] * len(train)
+    assert ("What is 12 + 3?" in questions(train)
+            and first_number_matches(train["chosen"], train["answer"]) == [1.0] * len(train))
 
 
 def test_arithmetic_preferences_canonical_answer_form():

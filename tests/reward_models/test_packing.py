@@ -10,7 +10,8 @@ from rlhf.config import load_config
 
 def tiny_rm(model_dir, tokenizer, lora: bool):
     torch.manual_seed(0)
-    mcfg = load_config(None, [f"model.path={model_dir}", f"model.lora.enabled={str(lora).lower()}", "model.compute_dtype=fp32"]).model
+    mcfg = load_config(None, [f"model.path={model_dir}", f"model.lora.enabled={str(lora).lower()}",
+                              "model.compute_dtype=fp32"]).model
     model = load_reward_model(mcfg, tokenizer)
     with torch.no_grad():  # a non-trivial head and adapter, so that a wrong context or column changes the scores
         for n, p in model.named_parameters():
@@ -43,7 +44,8 @@ def test_packed_scores_and_gradients_equal_unpacked(tiny_model_dir, tokenizer, l
     r_c, r_r = packed_pair_scores(model, chosen, rejected, pad, "cpu", "fp32", prompt_keys=keys)
     grads_packed = torch.autograd.grad((r_c - r_r).sum(), params)
 
-    assert pack_groups([[c, r] for c, r in zip(chosen, rejected)], pad).input_ids_RL.numel() < sum(map(len, chosen + rejected))
+    assert (pack_groups([[c, r] for c, r in zip(chosen, rejected)], pad).input_ids_RL.numel()
+            < sum(map(len, chosen + rejected)))
     assert torch.allclose(r_c, flat[: len(rows)], atol=1e-5) and torch.allclose(r_r, flat[len(rows):], atol=1e-5)
     assert flat.std() > 1e-2  # the check has teeth: the scores differ from pair to pair
     for g_flat, g_packed in zip(grads_flat, grads_packed):

@@ -11,11 +11,13 @@ from rlhf.rewards import RewardModule, load_reward_fn
 
 def test_learned_rm_through_reward_module_orders_its_training_pairs(trained_rm):
     run_dir, _ = trained_rm
-    module = RewardModule([RewardSpec(fn=f"reward_model:{run_dir}/final?dtype=fp32"), RewardSpec(fn="first_number_matches", weight=0.0)])
+    module = RewardModule([RewardSpec(fn=f"reward_model:{run_dir}/final?dtype=fp32"),
+                           RewardSpec(fn="first_number_matches", weight=0.0)])
     rows = separable_rows()
     n = len(rows)
     prompts = [r["prompt"] for r in rows] * 2
-    completions = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]  # message lists, as the trainer passes them
+    # message lists, as the trainer passes them
+    completions = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
     result = module(prompts, completions, [[1]] * (2 * n), {"answer": [0] * (2 * n)})
     scores = result.per_fn["reward_model"]
     assert module.names == ["reward_model", "first_number_matches"]
@@ -62,7 +64,8 @@ def test_standard_prompts_render_as_plain_text(trained_rm):
 
 def test_spec_errors_are_clear(trained_rm, tmp_path):
     run_dir, _ = trained_rm
-    with pytest.raises(ConfigError, match=r"unknown config key 'batchsize'; did you mean 'batch_size'.*\(options: batch_size, max_length"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'batchsize'; did you mean 'batch_size'"
+                                          r".*\(options: batch_size, max_length"):
         parse_spec(f"{run_dir}?batchsize=4")
     with pytest.raises(ConfigError, match=r"dtype: invalid value 'fp16'"):
         parse_spec(f"{run_dir}?dtype=fp16")

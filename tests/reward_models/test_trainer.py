@@ -19,7 +19,8 @@ EVAL_KEYS = {"step", "eval/loss", "eval/accuracy", "eval/margin", "eval/pairs"}
 def score_pairs(model, tokenizer, rows):
     """(r_chosen, r_rejected) lists for preference rows, scored by a plain transformers model."""
     prompts = [r["prompt"] for r in rows]
-    seqs = encode(tokenizer, prompts, [r["chosen"] for r in rows]) + encode(tokenizer, prompts, [r["rejected"] for r in rows])
+    seqs = (encode(tokenizer, prompts, [r["chosen"] for r in rows])
+            + encode(tokenizer, prompts, [r["rejected"] for r in rows]))
     with torch.no_grad():
         device = next(model.parameters()).device
         s = score_sequences(model.eval(), seqs, tokenizer.pad_token_id, device, "fp32").tolist()
@@ -60,8 +61,8 @@ def test_saved_model_loads_with_transformers_and_ranks_the_pairs(trained_rm):
 
 def test_lora_trains_adapter_and_head_only_and_saves_merged(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", separable_rows(conversational=False))
-    cfg = load_rm_config(None, rm_overrides(tiny_model_dir, data, tmp_path / "run", "model.lora.enabled=true", "model.lora.r=4",
-                                            "train.steps=4", "eval.every=0", "eval.at_start=false"))
+    cfg = load_rm_config(None, rm_overrides(tiny_model_dir, data, tmp_path / "run", "model.lora.enabled=true",
+                                            "model.lora.r=4", "train.steps=4", "eval.every=0", "eval.at_start=false"))
     trainer = RewardModelTrainer(cfg)
     before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
     history = trainer.train()
@@ -83,8 +84,9 @@ def test_lora_trains_adapter_and_head_only_and_saves_merged(tiny_model_dir, tmp_
 
 
 def test_checkpoints_are_loadable_and_pruned(tiny_model_dir, separable_jsonl, tmp_path):
-    cfg = load_rm_config(None, rm_overrides(tiny_model_dir, separable_jsonl, tmp_path / "run", "train.steps=4", "save.every=1",
-                                            "save.keep_last=2", "save.final=false", "eval.every=0", "eval.at_start=false"))
+    cfg = load_rm_config(None, rm_overrides(tiny_model_dir, separable_jsonl, tmp_path / "run", "train.steps=4",
+                                            "save.every=1", "save.keep_last=2", "save.final=false", "eval.every=0",
+                                            "eval.at_start=false"))
     RewardModelTrainer(cfg).train()
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step_000002", "step_000003"] and not (tmp_path / "run" / "final").exists()
@@ -95,7 +97,8 @@ def test_margin_column_enters_the_eval_loss_and_subsets_are_scored_apart(tiny_mo
     rows = [dict(r, margin=3.0, kind=k) for r, k in zip(separable_rows(), ["x", "y", "y", "y"])]
     data = write_jsonl(tmp_path / "p.jsonl", rows)
     plain = RewardModelTrainer(load_rm_config(None, rm_overrides(tiny_model_dir, data, tmp_path / "a"))).evaluate()
-    trainer = RewardModelTrainer(load_rm_config(None, rm_overrides(tiny_model_dir, data, tmp_path / "b", "data.margin_column=margin",
+    trainer = RewardModelTrainer(load_rm_config(None, rm_overrides(tiny_model_dir, data, tmp_path / "b",
+                                                                   "data.margin_column=margin",
                                                                    "data.subset_column=kind")))
     margin = trainer.evaluate()
     assert margin["eval/margin"] == pytest.approx(plain["eval/margin"])  # same seed: same model
@@ -121,8 +124,9 @@ def test_config_errors_name_the_key(tiny_model_dir, separable_jsonl, tmp_path, o
 def test_packed_and_unpacked_training_agree(tiny_model_dir, separable_jsonl, tmp_path):
     runs = {}
     for pack in ("true", "false"):
-        cfg = load_rm_config(None, rm_overrides(tiny_model_dir, separable_jsonl, tmp_path / pack, f"train.pack_pairs={pack}",
-                                                "train.steps=2", "eval.every=0", "save.final=false"))
+        cfg = load_rm_config(None, rm_overrides(tiny_model_dir, separable_jsonl, tmp_path / pack,
+                                                f"train.pack_pairs={pack}", "train.steps=2", "eval.every=0",
+                                                "save.final=false"))
         runs[pack] = RewardModelTrainer(cfg).train()
     for a, b in zip(runs["true"], runs["false"]):
         for key in ("loss", "accuracy", "margin", "eval/loss", "eval/accuracy"):
@@ -135,8 +139,8 @@ def test_group_by_prompt_keeps_a_prompts_pairs_together(tiny_model_dir, tmp_path
     for q in ("a", "b", "c"):  # rows 4k..4k+3 share prompt k
         rows += [dict(r, prompt=[{"role": "user", "content": f"What is {q} ?"}]) for r in separable_rows()]
     data = write_jsonl(tmp_path / "p.jsonl", rows)
-    cfg = load_rm_config(None, rm_overrides(tiny_model_dir, data, tmp_path / "run", "train.group_by_prompt=true", "train.steps=3",
-                                            "eval.at_start=false", "eval.every=0", "save.final=false"))
+    cfg = load_rm_config(None, rm_overrides(tiny_model_dir, data, tmp_path / "run", "train.group_by_prompt=true",
+                                            "train.steps=3", "eval.at_start=false", "eval.every=0", "save.final=false"))
     trainer = RewardModelTrainer(cfg)
     order = trainer._permutation()
     assert sorted(order) == list(range(12)) and order != sorted(order)
@@ -146,6 +150,8 @@ def test_group_by_prompt_keeps_a_prompts_pairs_together(tiny_model_dir, tmp_path
 
     rows_per_forward = []
     real = packing.pack_groups
-    monkeypatch.setattr(packing, "pack_groups", lambda groups, pad: rows_per_forward.append(len(groups)) or real(groups, pad))
+    monkeypatch.setattr(packing, "pack_groups",
+                        lambda groups, pad: rows_per_forward.append(len(groups)) or real(groups, pad))
     trainer.train()
-    assert rows_per_forward == [1] * 6 + [3]  # 3 steps x 2 micro-batches of 2 pairs of one prompt; eval: a row per prompt
+    # 3 steps x 2 micro-batches of 2 pairs of one prompt; eval: a row per prompt
+    assert rows_per_forward == [1] * 6 + [3]

@@ -34,7 +34,8 @@ def test_scores_calls_asserts_and_stdin_stdout_cases():
     tests = [{"call": "add(2, 3)", "expected": 5}, "assert add(1, 1) == 2", "assert add(0, 0) == 1"]
     assert code_exec(completions=[fenced(ADD)], tests=[tests]) == [pytest.approx(2 / 3)]
     script = "a, b = map(int, input().split())\nprint(a + b)\n"
-    io_tests = json.dumps([{"stdin": "2 3\n", "stdout": "5\n"}, {"stdin": "10 -4\n", "stdout": "6"}])  # a JSON string column
+    io_tests = json.dumps([{"stdin": "2 3\n", "stdout": "5\n"},
+                           {"stdin": "10 -4\n", "stdout": "6"}])  # a JSON string column
     assert code_exec(completions=[fenced(script)], tests=[io_tests]) == [1.0]
     chat = [{"role": "assistant", "content": fenced(ADD)}]
     assert code_exec(completions=["no code here", chat, fenced(ADD)], tests=[HIDDEN, HIDDEN, []]) == [0.0, 1.0, None]
@@ -117,7 +118,8 @@ def test_writing_outside_its_directory_is_contained(tmp_path):
         assert not any(os.path.exists(t) for t in targets + ["/tmp/rlhf-sandbox-link-escape.txt"])
     # its own working directory is writable, and gone afterwards
     own = "open('notes.txt', 'w').write('ok')\nimport os\ncwd = os.getcwd()\n" + ADD
-    res = run_program(own, [{"call": "open('notes.txt').read()", "expected": "ok"}, {"call": "cwd", "expected": ""}], FAST)
+    res = run_program(own, [{"call": "open('notes.txt').read()", "expected": "ok"}, {"call": "cwd", "expected": ""}],
+                      FAST)
     assert res.passed[0] and not os.path.exists(json.loads(res.outputs[1]["value"]))
 
 
@@ -185,9 +187,10 @@ def test_the_trainer_is_unharmed_by_hostile_programs(tiny_cfg, tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"What is {i} ?", "program": p, "tests": HIDDEN}) + "\n"
                             for i, p in enumerate(PROGRAMS)))
     (tmp_path / "code_reward.py").write_text(CODE_REWARD)
-    cfg = tiny_cfg(f"data.train={data}", "data.shuffle=false", f"reward.functions=[{{fn: '{tmp_path}/code_reward.py:program_reward'}}]",
-                   "train.prompts_per_step=8", "train.samples_per_prompt=2", "train.micro_batch_size=8", "train.steps=1",
-                   "log.completions_per_step=16")
+    cfg = tiny_cfg(f"data.train={data}", "data.shuffle=false",
+                   f"reward.functions=[{{fn: '{tmp_path}/code_reward.py:program_reward'}}]",
+                   "train.prompts_per_step=8", "train.samples_per_prompt=2", "train.micro_batch_size=8",
+                   "train.steps=1", "log.completions_per_step=16")
     trainer = Trainer(cfg)
     (record,) = trainer.train()
     rewards = [c["reward"] for c in read_jsonl(trainer.out / "completions.jsonl")]

@@ -32,7 +32,8 @@ def test_weighted_combination_and_columns_reach_functions(tmp_path):
     mod.spy = spy
     sys.modules["spy_mod"] = mod
     (tmp_path / "rf.py").write_text(FILE_FN)
-    m = RewardModule([RewardSpec(fn="spy_mod:spy", weight=0.5), RewardSpec(fn=f"{tmp_path}/rf.py:length_reward", weight=2.0),
+    m = RewardModule([RewardSpec(fn="spy_mod:spy", weight=0.5),
+                      RewardSpec(fn=f"{tmp_path}/rf.py:length_reward", weight=2.0),
                       RewardSpec(fn="first_number_matches")])
     res = call(m, ["3 apples", "no"], answer=[3, 3], difficulty=["easy", "hard"])
     assert seen == {"answer": [3, 3], "extra": ["easy", "hard"]}
@@ -43,7 +44,8 @@ def test_weighted_combination_and_columns_reach_functions(tmp_path):
 def test_a_zero_weight_function_is_measured_but_not_rewarded(tmp_path):
     """recipes/ppo_reward_model.yaml logs the rule with weight 0 beside the learned reward model."""
     (tmp_path / "rf.py").write_text(FILE_FN)
-    m = RewardModule([RewardSpec(fn=f"{tmp_path}/rf.py:length_reward"), RewardSpec(fn="first_number_matches", weight=0.0)])
+    m = RewardModule([RewardSpec(fn=f"{tmp_path}/rf.py:length_reward"),
+                      RewardSpec(fn="first_number_matches", weight=0.0)])
     res = call(m, ["3 apples", "no"], answer=[3, 3])
     assert res.scores_N.tolist() == [8.0, 2.0]
     assert res.per_fn["first_number_matches"] == [1.0, 0.0]
@@ -58,7 +60,8 @@ def test_none_means_not_applicable_and_all_none_is_nan():
     sys.modules["half_mod"] = types.SimpleNamespace(half=half)
     m = RewardModule([RewardSpec(fn="half_mod:half")])
     res = call(m, ["a", "b", "c"])
-    assert res.scores_N[1] == 1.0 and res.scores_N[0].isnan() and res.stats["reward/unscored_frac"] == pytest.approx(2 / 3)
+    assert (res.scores_N[1] == 1.0 and res.scores_N[0].isnan()
+            and res.stats["reward/unscored_frac"] == pytest.approx(2 / 3))
 
 
 def _register(name, fn):
@@ -88,7 +91,8 @@ def test_wrong_length_or_type_is_value_error_naming_function():
 
 
 def test_nan_and_inf_are_unscored():
-    res = call(RewardModule([_register("nanfn", lambda completions, **kw: [float("nan"), float("inf"), 2.0])]), ["a", "b", "c"])
+    res = call(RewardModule([_register("nanfn", lambda completions, **kw: [float("nan"), float("inf"), 2.0])]),
+               ["a", "b", "c"])
     assert res.scores_N[:2].isnan().all() and res.scores_N[2] == 2.0 and res.stats["reward/nanfn/unscored"] == 2
 
 
@@ -156,7 +160,8 @@ def test_wrong_types_in_every_form_are_value_errors():
     for name, out in cases.items():
         with pytest.raises(ValueError, match=f"reward function '{name}'"):
             call(RewardModule([_register(name, lambda completions, _o=out, **kw: _o)]), ["a", "b"])
-    ok = call(RewardModule([_register("tensor_out", lambda completions, **kw: torch.tensor([1.0, float("nan")]))]), ["a", "b"])
+    ok = call(RewardModule([_register("tensor_out", lambda completions, **kw: torch.tensor([1.0, float("nan")]))]),
+              ["a", "b"])
     assert ok.scores_N[0] == 1.0 and ok.scores_N[1].isnan()
 
 

@@ -24,7 +24,8 @@ if __name__ == "__main__":
     for k, m in models.items():
         after = flat(m())
         both = acc.gather(after.unsqueeze(0))
-        result.update({f"{k}rank_diff": float((both[0] - both[1]).abs().max()), f"{k}moved": float((after - before[k]).abs().max())})
+        result.update({f"{k}rank_diff": float((both[0] - both[1]).abs().max()),
+                       f"{k}moved": float((after - before[k]).abs().max())})
     if acc.is_main_process:
         with open(os.environ["RLHF_TEST_OUT"], "w") as f:
             json.dump(result, f)

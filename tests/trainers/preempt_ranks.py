@@ -16,4 +16,5 @@ if __name__ == "__main__":
             os.kill(os.getpid(), signal.SIGUSR1)
             time.sleep(0.1)
         second = preemption.requested(acc)
-    print(f"rank {acc.process_index}: before={first} after={second} signalled={preemption.signum is not None}", flush=True)
+    print(f"rank {acc.process_index}: before={first} after={second} signalled={preemption.signum is not None}",
+          flush=True)

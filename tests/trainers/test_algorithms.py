@@ -54,7 +54,8 @@ def params(model):
     (["algo.advantage=gae", "critic.type=none"], "algo.advantage=gae needs a critic"),
     (["algo.advantage=td", "critic.type=none"], "algo.advantage=td needs a critic"),
     (["critic.type=shared"], "critic.type=shared builds a critic, but algo.advantage=grpo uses no values"),
-    (["algo.update=npg", "train.mini_batches_per_pass=2"], r"algo.update=npg takes one natural-gradient step per batch"),
+    (["algo.update=npg", "train.mini_batches_per_pass=2"],
+     r"algo.update=npg takes one natural-gradient step per batch"),
     (["algo.policy_loss=pg", "train.mini_batches_per_pass=2"], "algo.policy_loss=pg is on-policy only"),
     (["algo.policy_loss=pg", "train.updates_per_batch=2"], "algo.policy_loss=pg is on-policy only"),
     (["algo.update=trpo", "train.updates_per_batch=2"], r"algo.update=trpo takes one natural-gradient step per batch"),
@@ -76,9 +77,11 @@ def test_invalid_combinations_fail_before_any_model_loads(tiny_cfg, monkeypatch,
 
 @pytest.mark.parametrize("override, key", [
     ("algo.update=sgd", "algo.update"), ("algo.natural.max_kl=0", "algo.natural.max_kl"),
-    ("algo.natural.cg_iters=0", "algo.natural.cg_iters"), ("algo.natural.backtrack_coef=1.0", "algo.natural.backtrack_coef"),
+    ("algo.natural.cg_iters=0", "algo.natural.cg_iters"),
+    ("algo.natural.backtrack_coef=1.0", "algo.natural.backtrack_coef"),
     ("algo.natural.damping=-1", "algo.natural.damping"), ("algo.mdpo.eta=0", "algo.mdpo.eta"),
-    ("algo.overlong.buffer=64", "algo.overlong.buffer"), ("algo.dynamic_sampling.max_extra_rounds=-1", "algo.dynamic_sampling.max_extra_rounds"),
+    ("algo.overlong.buffer=64", "algo.overlong.buffer"),
+    ("algo.dynamic_sampling.max_extra_rounds=-1", "algo.dynamic_sampling.max_extra_rounds"),
     ("algo.gamma=1.5", "algo.gamma"), ("algo.natural.fisher_samples=-2", "algo.natural.fisher_samples"),
 ])
 def test_new_keys_are_validated_naming_the_key(override, key):
@@ -91,7 +94,8 @@ def test_new_keys_are_validated_naming_the_key(override, key):
 
 CRITIC_FREE = [n for n in algos.ADVANTAGES.names() if not algos.ADVANTAGES.meta(n).get("needs_values")]
 COMBOS = [
-    c for c in itertools.product(CRITIC_FREE, algos.POLICY_LOSSES.names(), ["in_loss", "in_reward"], algos.UPDATES.names())
+    c for c in itertools.product(CRITIC_FREE, algos.POLICY_LOSSES.names(), ["in_loss", "in_reward"],
+                                 algos.UPDATES.names())
     if not (c[1] == "pg" and c[3] == "mdpo")  # mdpo needs several passes, pg is on-policy only
 ]
 
@@ -106,7 +110,8 @@ def test_two_optimizer_steps_for_every_valid_combination(tiny_cfg, rewards, adva
     cfg = tiny_cfg(
         rewards("dense"), f"algo.advantage={advantage}", f"algo.policy_loss={loss}", f"algo.kl.placement={placement}",
         f"algo.update={update}", "algo.kl.coef=0.05", f"train.updates_per_batch={passes}", f"train.steps={2 // passes}",
-        "train.samples_per_prompt=2", "generation.max_new_tokens=4", "algo.natural.cg_iters=3", "log.completions_per_step=0",
+        "train.samples_per_prompt=2", "generation.max_new_tokens=4", "algo.natural.cg_iters=3",
+        "log.completions_per_step=0",
     )
     trainer = Trainer(cfg)
     before = params(trainer.unwrapped)
@@ -114,7 +119,9 @@ def test_two_optimizer_steps_for_every_valid_combination(tiny_cfg, rewards, adva
     assert [r["opt_step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in records)
     after = params(trainer.unwrapped)
-    assert any(not torch.equal(before[n], after[n]) for n in before), ("the policy did not move", [{k: v for k, v in r.items() if k.startswith(("natural", "frac", "grad"))} for r in records])
+    assert any(not torch.equal(before[n], after[n]) for n in before), (
+        "the policy did not move",
+        [{k: v for k, v in r.items() if k.startswith(("natural", "frac", "grad"))} for r in records])
     if placement == "in_reward":
         assert all("kl_in_reward" in r and r["kl"] is None for r in records)
     else:
@@ -233,7 +240,8 @@ def kinds(tmp_path):
     import json
 
     path = tmp_path / "kinds.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"What is {i} ?", "kind": "flat" if i % 2 else "vary"}) + "\n" for i in range(8)))
+    path.write_text("".join(json.dumps({"prompt": f"What is {i} ?", "kind": "flat" if i % 2 else "vary"}) + "\n"
+                            for i in range(8)))
     return path
 
 
@@ -265,7 +273,8 @@ def test_overlong_penalty_is_added_to_the_score(tiny_cfg, rewards):
 
 
 def test_mask_truncated_drops_truncated_samples_from_the_loss(tiny_cfg, rewards):
-    trainer = Trainer(tiny_cfg(rewards("dense"), "algo.mask_truncated=true", "generation.max_new_tokens=3", "algo.kl.coef=0"))
+    trainer = Trainer(tiny_cfg(rewards("dense"), "algo.mask_truncated=true", "generation.max_new_tokens=3",
+                               "algo.kl.coef=0"))
     exp, info = trainer.make_experience(PhaseTimer())
     finished = torch.tensor(info.samples.finished)
     assert (~finished).any(), "no truncated sample to test with"
@@ -309,13 +318,15 @@ def test_trpo_and_dynamic_sampling_keep_ranks_in_sync_on_two_processes(tiny_mode
     env = {**os.environ, "RLHF_TEST_OUT": str(out), "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     overrides = [f"model.path={tiny_model_dir}", "model.compute_dtype=fp32", "model.lora.enabled=false",
-                 f"output_dir={tmp_path / 'run'}", "train.steps=2", "train.prompts_per_step=2", "train.samples_per_prompt=4",
-                 "train.micro_batch_size=2", "train.lr=1e-3", "generation.max_new_tokens=6", "log.progress=false",
+                 f"output_dir={tmp_path / 'run'}", "train.steps=2", "train.prompts_per_step=2",
+                 "train.samples_per_prompt=4", "train.micro_batch_size=2", "train.lr=1e-3",
+                 "generation.max_new_tokens=6", "log.progress=false",
                  "checkpoint.save_final=false", f"data.train={kinds}", "data.shuffle=false", rewards("by_kind"),
                  "algo.dynamic_sampling.enabled=true", "algo.update=trpo", "algo.natural.cg_iters=3"]
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(Path(__file__).with_name("ddp_updates.py")),
-                           *overrides], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).with_name("ddp_updates.py")), *overrides],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["world_size"] == 2

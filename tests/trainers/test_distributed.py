@@ -96,7 +96,8 @@ def assert_same_step(ref: dict, got: dict, tol: float = 1e-5) -> None:
     assert abs(r["grad_norm"] - g["grad_norm"]) <= tol * max(1.0, r["grad_norm"]), (r["grad_norm"], g["grad_norm"])
     assert r["reward/mean"] == pytest.approx(g["reward/mean"], abs=1e-6)
     if "critic/value_loss" in r:  # PPO: the critic's step is global too
-        assert abs(r["critic/value_loss"] - g["critic/value_loss"]) <= tol, (r["critic/value_loss"], g["critic/value_loss"])
+        assert abs(r["critic/value_loss"] - g["critic/value_loss"]) <= tol, (r["critic/value_loss"],
+                                                                             g["critic/value_loss"])
     assert ref["params"].keys() == got["params"].keys()
     diff = max(float((ref["params"][n] - got["params"][n]).abs().max()) for n in ref["params"])
     assert diff <= tol, diff
@@ -135,7 +136,8 @@ def test_vllm_engine_on_every_rank(config, tiny_vllm_model_dir, tmp_path):
     overrides = [*base_overrides(tiny_vllm_model_dir, root, "grpo"), "generation.seed_per_prompt=false",
                  "generation.engine=vllm", "generation.vllm.kv_cache_gb=0.25", "train.steps=2", "train.lr=3e-2"]
     got = run_layout(config, overrides, tmp_path, env={**CPU_ONLY, **SHARDED_ENV})
-    assert got["world_size"] == 2 and got["layout"] == {"cpu_2proc.yaml": "ddp"}.get(config, config.removesuffix(".yaml"))
+    assert (got["world_size"] == 2
+            and got["layout"] == {"cpu_2proc.yaml": "ddp"}.get(config, config.removesuffix(".yaml")))
     assert [m["world_size"] for m in got["metrics"]] == [2, 2]
     assert [s["rank"] for s in got["sync"]] == [0, 1]
     assert all(s["ok"] and s["gap_mean"] < 0.01 for s in got["sync"]), got["sync"]
@@ -212,7 +214,8 @@ def test_slurm_script_starts_accelerate_on_every_node(tmp_path):
     (bin_dir / "scontrol").write_text('#!/bin/bash\nprintf "gpu-node-07\\ngpu-node-08\\n"\n')
     (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n'
                                   'for n in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$n "$@" || exit 1; done\n')
-    (bin_dir / "accelerate").write_text('#!/bin/bash\nprintf "%s\\0" "$@" >> "$RENDER_OUT"; printf "\\n" >> "$RENDER_OUT"\n')
+    (bin_dir / "accelerate").write_text('#!/bin/bash\nprintf "%s\\0" "$@" >> "$RENDER_OUT"; '
+                                        'printf "\\n" >> "$RENDER_OUT"\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     out = tmp_path / "commands"
@@ -228,7 +231,8 @@ def test_slurm_script_starts_accelerate_on_every_node(tmp_path):
         args = accelerate_args(argv[1:])
         assert (args.num_machines, args.num_processes, args.machine_rank) == (2, 16, rank)
         assert (args.main_process_ip, args.main_process_port) == ("gpu-node-07", 29500)
-        assert args.training_script == "recipes/grpo_arithmetic.py" and args.training_script_args == ["output_dir=runs/big"]
+        assert (args.training_script == "recipes/grpo_arithmetic.py"
+                and args.training_script_args == ["output_dir=runs/big"])
 
 
 def test_every_launch_config_parses():

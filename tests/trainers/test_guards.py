@@ -55,11 +55,13 @@ def test_sigterm_saves_at_the_next_step_boundary_and_exits_0(tiny_cfg, tiny_over
     out = tmp_path / "b"
     args = tiny_overrides(yes_reward, f"output_dir={out}", "train.steps=200")
     env = {**os.environ, "PYTHONPATH": str(REPO), "SLOW_REWARD_S": "0.3"}
-    proc = subprocess.Popen([sys.executable, str(RUNNER), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, str(RUNNER), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240
         while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 1):
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            assert proc.poll() is None and time.time() < deadline, (proc.stdout.read() if proc.poll() is not None
+                                                                    else "timeout")
             time.sleep(0.05)
         at_signal = len(read_jsonl(out / "metrics.jsonl"))
         proc.send_signal(sig)
@@ -105,7 +107,8 @@ def signal_on_second_call(prompts, completions, completion_ids, **kw):
 
 def test_sigusr1_finishes_the_step_saves_and_returns(tiny_cfg, reward_file):
     before = signal.getsignal(signal.SIGUSR1)
-    trainer = Trainer(tiny_cfg(reward_file(SELF_SIGNAL, "signal_on_second_call"), "train.steps=10", "checkpoint.save_final=true"))
+    trainer = Trainer(tiny_cfg(reward_file(SELF_SIGNAL, "signal_on_second_call"), "train.steps=10",
+                               "checkpoint.save_final=true"))
     history = trainer.train()
     assert [r["step"] for r in history] == [1, 2]
     saved = ckpt.find_latest(trainer.out / "checkpoints")
@@ -131,7 +134,8 @@ def test_non_finite_gradient_steps_are_skipped_and_counted(tiny_cfg, length_rewa
     assert [r["skipped_steps"] for r in history] == [0, 1, 1]
     assert not math.isfinite(history[1]["grad_norm"]) and math.isfinite(history[2]["grad_norm"])
     changed = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)  # noqa: E731
-    assert changed(snapshots[0], snapshots[1]) and not changed(snapshots[1], snapshots[2]) and changed(snapshots[2], snapshots[3])
+    assert (changed(snapshots[0], snapshots[1]) and not changed(snapshots[1], snapshots[2])
+            and changed(snapshots[2], snapshots[3]))
     assert all(torch.isfinite(v).all() for v in snapshots[3].values())
     for state in trainer.policy.optimizer.state_dict()["state"].values():  # no NaN reached the Adam moments either
         assert all(torch.isfinite(t).all() for t in state.values() if torch.is_tensor(t))
@@ -143,7 +147,8 @@ def test_k_non_finite_steps_in_a_row_stop_the_run_with_a_checkpoint(tiny_cfg, ye
     trainer = Trainer(tiny_cfg(yes_reward, "train.steps=10", "train.max_skipped_steps=2", "algo.kl.coef=0"))
     poison_gradients(trainer, lambda: True)
     before = trainable(trainer)
-    with pytest.raises(NonFiniteGradientError, match=r"2 optimizer steps in a row had non-finite gradients.*saved at step 2"):
+    with pytest.raises(NonFiniteGradientError,
+                       match=r"2 optimizer steps in a row had non-finite gradients.*saved at step 2"):
         trainer.train()
     saved = ckpt.find_latest(trainer.out / "checkpoints")
     assert saved is not None and saved.name == "step_000002"

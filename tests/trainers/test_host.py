@@ -23,7 +23,8 @@ print(applied, libc.mallinfo2().hblkhd - before)
 
 
 def _probe(mb: int) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(mb)], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", PROBE, str(mb)], capture_output=True, text=True,
+                         check=True).stdout.split()
     return out[0], int(out[1])
 
 

@@ -20,7 +20,8 @@ def test_two_accelerate_launch_commands_as_two_machines(tiny_model_dir, tmp_path
     env = {**os.environ, "RLHF_TEST_OUT": str(out), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
     machines = [
-        subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "multi_node.yaml"),
+        subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch",
+                          "--config_file", str(LAUNCH / "multi_node.yaml"),
                           "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
                           "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), str(HELPER), *overrides],
                          env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

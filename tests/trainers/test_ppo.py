@@ -25,8 +25,9 @@ def dense(prompts, completions, completion_ids, **kwargs):
 '''
 PPO = ["algo.advantage=gae", "algo.lam=0.95", "algo.kl.placement=in_reward", "algo.kl.estimator=k1", "algo.kl.coef=0.1",
        "algo.whiten_advantages=true", "critic.lr=1e-3", "generation.max_new_tokens=6"]
-METRICS = ["kl_in_reward", "kl_coef", "clipfrac", "approx_kl", "entropy", "loss", "critic/value_loss", "critic/explained_var",
-           "critic/value_mean", "critic/return_mean", "critic/grad_norm", "critic/value_clipfrac"]
+METRICS = ["kl_in_reward", "kl_coef", "clipfrac", "approx_kl", "entropy", "loss", "critic/value_loss",
+           "critic/explained_var", "critic/value_mean", "critic/return_mean", "critic/grad_norm",
+           "critic/value_clipfrac"]
 
 
 @pytest.fixture
@@ -86,7 +87,8 @@ def test_kl_penalty_is_per_token_in_the_reward(tiny_cfg, dense):
     assert exp.values_NT is not None and exp.ret_NT is not None
     adv_NT, _ = trainer.adv_fn(__import__("rlhf").algos.AdvantageInputs(exp.rewards_NT, exp.mask_NT, 4, exp.values_NT),
                                trainer.cfg.algo)
-    whitened_NT = (adv_NT - adv_NT[exp.mask_NT.bool()].mean()) / adv_NT[exp.mask_NT.bool()].std()  # unbiased, as everywhere
+    # unbiased, as everywhere
+    whitened_NT = (adv_NT - adv_NT[exp.mask_NT.bool()].mean()) / adv_NT[exp.mask_NT.bool()].std()
     assert torch.allclose(exp.adv_NT, whitened_NT * exp.mask_NT, atol=1e-4)
 
 
@@ -96,7 +98,8 @@ def test_critic_advantages_train(tiny_cfg, dense, advantage):
     critic0 = trainable(critic_module(trainer))
     policy0 = trainable(trainer.unwrapped)
     records = trainer.train()
-    assert len(records) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["critic/value_loss"]) for r in records)
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["critic/value_loss"])
+                                     for r in records)
     assert moved(critic0, trainable(critic_module(trainer))) and moved(policy0, trainable(trainer.unwrapped))
     # the values enter the advantages: step 2's critic is no longer zero
     assert records[1]["critic/value_mean"] != 0
@@ -113,7 +116,8 @@ def test_value_loss_drives_values_to_the_returns(tiny_cfg, dense, critic):
     err0 = float(((exp.values_NT - exp.ret_NT)[m] ** 2).mean())
     losses = []
     for _ in range(15):
-        losses += [r["critic/value_loss"] for r in update(exp, None, trainer.critic, trainer.losses, trainer.fwd, trainer.cfg.train, trainer.rt)]
+        losses += [r["critic/value_loss"] for r in update(exp, None, trainer.critic, trainer.losses, trainer.fwd,
+                                                          trainer.cfg.train, trainer.rt)]
     err1 = float(((batch_values(critic_module(trainer), exp, trainer.fwd, trainer.rt) - exp.ret_NT)[m] ** 2).mean())
     assert losses[-1] < 0.5 * losses[0] and err1 < 0.5 * err0
 
@@ -163,9 +167,11 @@ def test_trainer_adapts_beta_by_the_measured_kl(tiny_cfg, dense, target, directi
 
 
 @pytest.mark.parametrize("override, key", [
-    ("critic.lr=0", "critic.lr"), ("critic.value_clip=0", "critic.value_clip"), ("critic.warmup_steps=3", "critic.warmup_steps"),
+    ("critic.lr=0", "critic.lr"), ("critic.value_clip=0", "critic.value_clip"),
+    ("critic.warmup_steps=3", "critic.warmup_steps"),
     ("algo.kl.target=0", "algo.kl.target"), ("algo.kl.horizon=0", "algo.kl.horizon"),
-    ("train.mini_batches_per_pass=0", "train.mini_batches_per_pass"), ("train.mini_batches_per_pass=3", "train.mini_batches_per_pass"),
+    ("train.mini_batches_per_pass=0", "train.mini_batches_per_pass"),
+    ("train.mini_batches_per_pass=3", "train.mini_batches_per_pass"),
     ("critic.type=value", "critic.type"),
 ])
 def test_critic_keys_are_validated_naming_the_key(override, key):
@@ -192,12 +198,14 @@ def test_ppo_keeps_policy_and_critic_in_sync_on_two_processes(tiny_model_dir, de
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "CUDA_VISIBLE_DEVICES": ""}  # two CPU processes over gloo, also on a machine with one GPU
     overrides = [f"model.path={tiny_model_dir}", "model.compute_dtype=fp32", "model.lora.enabled=false",
-                 f"output_dir={tmp_path / 'run'}", "train.steps=2", "train.prompts_per_step=2", "train.samples_per_prompt=4",
-                 "train.micro_batch_size=2", "train.lr=1e-3", "log.progress=false", "checkpoint.save_final=false", dense,
+                 f"output_dir={tmp_path / 'run'}", "train.steps=2", "train.prompts_per_step=2",
+                 "train.samples_per_prompt=4", "train.micro_batch_size=2", "train.lr=1e-3", "log.progress=false",
+                 "checkpoint.save_final=false", dense,
                  *PPO, "critic.lora.enabled=false", "train.mini_batches_per_pass=2", "algo.kl.target=0.01"]
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(Path(__file__).with_name("ddp_updates.py")),
-                           *overrides], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).with_name("ddp_updates.py")), *overrides],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["world_size"] == 2 and res["records"][0]["world_size"] == 2

@@ -17,7 +17,8 @@ RUNNER = Path(__file__).with_name("run_trainer.py")
 REPO = Path(__file__).resolve().parents[2]
 # Everything that makes resuming non-trivial: a decaying schedule with warmup, two passes per batch
 # (old log-probs and the clip ratio), a KL term against the reference, shuffled data.
-HARD = ["train.steps=4", "train.lr_schedule=linear", "train.warmup_steps=1", "train.updates_per_batch=2", "algo.kl.coef=0.1"]
+HARD = ["train.steps=4", "train.lr_schedule=linear", "train.warmup_steps=1", "train.updates_per_batch=2",
+        "algo.kl.coef=0.1"]
 
 
 def trainable(trainer) -> dict[str, torch.Tensor]:
@@ -121,7 +122,8 @@ def test_ppo_resume_restores_critic_and_kl_controller(tiny_cfg, yes_reward, tmp_
     coefs = [r["kl_coef"] for r in rec_a[::4]]
     assert len(set(coefs)) == 4, coefs  # the adaptive beta moved every step: resuming must restore it
     assert_same_run(rec_a, rec_b, trainable(straight), trainable(resumed))
-    critic = lambda t: {n: p.detach().clone() for n, p in t.acc.unwrap_model(t.critic.model).named_parameters() if p.requires_grad}  # noqa: E731
+    critic = lambda t: {n: p.detach().clone()  # noqa: E731
+                        for n, p in t.acc.unwrap_model(t.critic.model).named_parameters() if p.requires_grad}
     assert_same_run([], [], critic(straight), critic(resumed))
     assert resumed.kl_coef == pytest.approx(straight.kl_coef, abs=1e-12)
     assert resumed.critic.scheduler.get_last_lr() == straight.critic.scheduler.get_last_lr()

@@ -8,7 +8,8 @@ from rlhf.logging import PhaseTimer, read_jsonl
 from rlhf.trainers import Trainer
 from rlhf.trainers.forward import batch_logprobs
 
-REQUIRED = ["step", "reward/mean", "reward/std", "kl", "loss", "completion/len_mean", "time/step_s", "time/generate_s", "time/train_s"]
+REQUIRED = ["step", "reward/mean", "reward/std", "kl", "loss", "completion/len_mean", "time/step_s", "time/generate_s",
+            "time/train_s"]
 
 def params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -69,7 +70,8 @@ def test_tiny_model_learns_a_trivial_reward(tiny_cfg, yes_reward):
 
 def test_reward_functions_receive_dataset_columns(tiny_cfg, tmp_path):
     data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"What is {i} ?", "target": f"t{i}", "level": i}) + "\n" for i in range(4)))
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} ?", "target": f"t{i}", "level": i}) + "\n"
+                            for i in range(4)))
     seen = tmp_path / "seen.jsonl"
     (tmp_path / "spy.py").write_text(f'''
 import json

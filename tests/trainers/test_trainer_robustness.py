@@ -74,7 +74,8 @@ def hangs(prompts, completions, completion_ids, **kw):
 @pytest.fixture
 def flagged_data(tmp_path):
     path = tmp_path / "flagged.jsonl"
-    path.write_text(json.dumps({"prompt": "What is 1 + 1 ?", "bad": True}) + "\n" + json.dumps({"prompt": "What is 2 + 2 ?", "bad": False}) + "\n")
+    path.write_text(json.dumps({"prompt": "What is 1 + 1 ?", "bad": True}) + "\n"
+                    + json.dumps({"prompt": "What is 2 + 2 ?", "bad": False}) + "\n")
     return f"data.train={path}"
 
 
@@ -82,14 +83,16 @@ def test_raising_reward_names_function_and_sample_or_is_skipped_and_counted(tiny
     spec = reward_file(BY_COLUMN, "picky")
     with pytest.raises(RewardError, match=r"reward function 'picky' failed on sample \d: KeyError: 'no answer field'"):
         Trainer(tiny_cfg(spec, flagged_data, "data.shuffle=false", "train.steps=1")).train()
-    trainer = Trainer(tiny_cfg(spec, flagged_data, "reward.on_error=skip", "train.steps=2", "output_dir=" + str(tiny_cfg().output_dir) + "2"))
+    trainer = Trainer(tiny_cfg(spec, flagged_data, "reward.on_error=skip", "train.steps=2",
+                               "output_dir=" + str(tiny_cfg().output_dir) + "2"))
     records = trainer.train()
     assert [r["reward/picky/errors"] for r in records] == [4, 4] and [r["reward/unscored"] for r in records] == [4, 4]
     assert all_finite(trainer)
 
 
 def test_hanging_reward_times_out_and_is_skipped_and_counted(tiny_cfg, reward_file):
-    trainer = Trainer(tiny_cfg(reward_file(BY_COLUMN, "hangs"), "reward.timeout_s=0.5", "reward.on_error=skip", "train.steps=1"))
+    trainer = Trainer(tiny_cfg(reward_file(BY_COLUMN, "hangs"), "reward.timeout_s=0.5", "reward.on_error=skip",
+                               "train.steps=1"))
     t0 = time.time()
     (record,) = trainer.train()
     assert time.time() - t0 < 15
@@ -170,8 +173,10 @@ def test_zero_length_completions_do_not_crash(tiny_cfg, yes_reward):
 
 def test_long_prompt_counts_reach_the_metrics(tiny_cfg, yes_reward, tmp_path):
     data = tmp_path / "long.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["What is 1 ?", "What is 2 ?", "What is 1 + 2 + 3 + 4 + 5 ?"]))
-    trainer = Trainer(tiny_cfg(yes_reward, f"data.train={data}", "data.max_prompt_tokens=6", "data.on_long_prompt=filter", "train.steps=1"))
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n"
+                            for p in ["What is 1 ?", "What is 2 ?", "What is 1 + 2 + 3 + 4 + 5 ?"]))
+    trainer = Trainer(tiny_cfg(yes_reward, f"data.train={data}", "data.max_prompt_tokens=6",
+                               "data.on_long_prompt=filter", "train.steps=1"))
     (record,) = trainer.train()
     assert record["prompts/too_long"] == 1 and record["prompts/filtered"] == 1 and record["prompts/truncated"] == 0
     assert read_jsonl(trainer.out / "metrics.jsonl")[0]["prompts/filtered"] == 1
@@ -182,7 +187,8 @@ def test_secrets_never_reach_the_saved_config_metrics_or_completions(tiny_cfg, y
     monkeypatch.setenv("HF_TOKEN", hf)
     monkeypatch.setenv("MY_SERVICE_API_KEY", key)
     data = tmp_path / "leaky.jsonl"  # a user pasted a token into a prompt
-    data.write_text(json.dumps({"prompt": f"What is {key} ?"}) + "\n" + json.dumps({"prompt": f"What is {hf} ?"}) + "\n")
+    data.write_text(json.dumps({"prompt": f"What is {key} ?"}) + "\n"
+                    + json.dumps({"prompt": f"What is {hf} ?"}) + "\n")
     trainer = Trainer(tiny_cfg(yes_reward, f"data.train={data}", "train.steps=1", "log.completions_per_step=8",
                                f"data.task_args={{wandb_api_key: abcdefgh12345678, note: 'token is {hf}', url: 'https://me:pa55word@host/x'}}"))
     trainer.train()

@@ -27,7 +27,8 @@ def prompts(trainer, k=4):
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_bf16_training_keeps_the_engine_in_sync(tmp_path, lora):
     cfg = load_config(RECIPE, [
-        f"output_dir={tmp_path}", "generation.engine=vllm", "generation.vllm.kv_cache_gb=1", f"model.lora.enabled={str(lora).lower()}",
+        f"output_dir={tmp_path}", "generation.engine=vllm", "generation.vllm.kv_cache_gb=1",
+        f"model.lora.enabled={str(lora).lower()}",
         "train.steps=2", "train.prompts_per_step=2", "train.samples_per_prompt=4", "train.micro_batch_size=8",
         "generation.max_new_tokens=16",
         "generation.temperature=1.0", "algo.kl.coef=0",  # log-probs at T < 1 scale the bf16 logit noise by 1/T
@@ -58,8 +59,9 @@ def test_fp32_greedy_is_exact_after_a_sync():
     tokenizer, model = load_tokenizer(cfg.model.path), load_policy(cfg.model)
     engine = ENGINES.get("vllm")(model, tokenizer, cfg)
     try:
-        fixed = [tokenizer.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}?"}], add_generation_prompt=True,
-                                               tokenize=True, return_dict=True)["input_ids"] for a, b in [(3, 4), (12, 7), (5, 9)]]
+        fixed = [tokenizer.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}?"}],
+                                               add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+                 for a, b in [(3, 4), (12, 7), (5, 9)]]
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():  # a stand-in for an optimizer step: every weight moves by ~1e-3 of its scale
             for p in model.parameters():

@@ -32,9 +32,9 @@ def run_and_check(trainer: Trainer, steps: int) -> list[dict]:
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_engine_follows_training_and_logs_the_gap(tiny_cfg, tiny_vllm_model_dir, yes_reward, lora):
-    cfg = tiny_cfg(f"model.path={tiny_vllm_model_dir}", yes_reward, "generation.engine=vllm", "generation.vllm.kv_cache_gb=0.25",
-                   f"model.lora.enabled={str(lora).lower()}", "model.lora.r=4", "train.lr=3e-2",
-                   "algo.is_correction=token_truncate", "algo.kl.coef=0")
+    cfg = tiny_cfg(f"model.path={tiny_vllm_model_dir}", yes_reward, "generation.engine=vllm",
+                   "generation.vllm.kv_cache_gb=0.25", f"model.lora.enabled={str(lora).lower()}", "model.lora.r=4",
+                   "train.lr=3e-2", "algo.is_correction=token_truncate", "algo.kl.coef=0")
     records = run_and_check(Trainer(cfg), steps=2)
     for r in records:
         assert 0 <= r["engine/logp_gap_mean"] <= r["engine/logp_gap_max"]
@@ -44,8 +44,9 @@ def test_engine_follows_training_and_logs_the_gap(tiny_cfg, tiny_vllm_model_dir,
 
 
 def test_updates_per_batch_two_uses_the_stored_old_logps(tiny_cfg, tiny_vllm_model_dir, yes_reward):
-    cfg = tiny_cfg(f"model.path={tiny_vllm_model_dir}", yes_reward, "generation.engine=vllm", "generation.vllm.kv_cache_gb=0.25",
-                   "train.updates_per_batch=2", "train.lr=3e-2", "algo.is_correction=token_mask", "algo.kl.coef=0")
+    cfg = tiny_cfg(f"model.path={tiny_vllm_model_dir}", yes_reward, "generation.engine=vllm",
+                   "generation.vllm.kv_cache_gb=0.25", "train.updates_per_batch=2", "train.lr=3e-2",
+                   "algo.is_correction=token_mask", "algo.kl.coef=0")
     records = run_and_check(Trainer(cfg), steps=2)
     assert len(records) == 4  # one record per optimizer step, each pair carrying its batch's gap
     for first, second in (records[:2], records[2:]):
