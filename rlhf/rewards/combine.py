@@ -8,16 +8,14 @@ and `on_error` ('raise' or 'skip') apply to every function alike.
 """
 from __future__ import annotations
 
-import asyncio
-import inspect
 import math
 import numbers
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 
+from rlhf.calls import CallTimeout, call
 from rlhf.errors import RewardError
 from rlhf.rewards.registry import load_reward_fn, reward_fn_name
 
@@ -110,28 +108,8 @@ class RewardModule:
         return values, counts
 
     def _invoke(self, fn: Callable, kwargs: dict) -> Any:
-        """Call `fn`; await it if it is async. With a timeout the call runs in a daemon thread, so a
-        function that never returns is abandoned (it keeps its thread) and never blocks the run's exit."""
-        if self.timeout_s is None and not inspect.iscoroutinefunction(fn):
-            out = fn(**kwargs)
-            return _run_coroutine(out, None) if inspect.isawaitable(out) else out
-        box: dict[str, Any] = {}
-
-        def target() -> None:
-            try:
-                out = fn(**kwargs)
-                box["out"] = _run_coroutine(out, self.timeout_s) if inspect.isawaitable(out) else out
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-                box["err"] = e
-
-        thread = threading.Thread(target=target, name="reward-call", daemon=True)
-        thread.start()
-        thread.join(self.timeout_s)
-        if thread.is_alive():
-            raise RewardTimeout(f"timed out after {self.timeout_s} s")
-        if "err" in box:
-            raise box["err"]
-        return box["out"]
+        """Call `fn` (awaited if async) within `reward.timeout_s` (rlhf.calls.call)."""
+        return call(fn, kwargs, self.timeout_s)
 
     @staticmethod
     def _validate(name: str, out: Any, N: int) -> list[Optional[float]]:
@@ -152,18 +130,7 @@ class RewardModule:
         return values
 
 
-class RewardTimeout(TimeoutError):
-    """A reward call did not return within `reward.timeout_s`."""
-
-
-def _run_coroutine(awaitable: Any, timeout_s: Optional[float]) -> Any:
-    async def run():
-        return await asyncio.wait_for(awaitable, timeout=timeout_s)
-
-    try:
-        return asyncio.run(run())
-    except asyncio.TimeoutError:
-        raise RewardTimeout(f"timed out after {timeout_s} s") from None
+RewardTimeout = CallTimeout  # a reward call did not return within `reward.timeout_s`
 
 
 class _BadOutput(RewardError, ValueError):
