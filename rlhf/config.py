@@ -3,40 +3,20 @@
     cfg = load_config("recipes/grpo_arithmetic.yaml", ["train.steps=10", "algo.kl.coef=0"])
 
 Every key has a type and a help text (`rlhf train --help` prints them). An unknown
-key fails naming the closest valid one; a wrong type or value fails naming the key.
+key fails naming the closest valid one; a wrong type or value fails naming the key
+(the machinery: rlhf.typed).
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import importlib.util
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
-import yaml
+from rlhf.typed import ConfigError, from_dict, load_typed, opt, parse_overrides, to_dict
+from rlhf.typed import describe as _describe
 
-from rlhf.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration problem; the message names the offending key."""
-
-
-def opt(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with a help text (lists and dicts are copied per instance)."""
-    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        proto = default
-        return field(default_factory=lambda: _copy(proto), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
-
-def _copy(x: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(x)
+__all__ = ["Config", "ConfigError", "describe", "from_dict", "load_config", "opt", "parse_overrides", "to_dict"]
 
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -189,6 +169,29 @@ class TrainConfig:
 
 
 @dataclass
+class EnvConfig:
+    factory: Optional[str] = opt(None, "an environment class, 'module.path:Class' or 'file.py:Class': one instance per episode, "
+                                 "reset(**row), public methods as tools, optional get_reward() (TRL's contract)")
+    tools: list[str] = opt([], "plain tool functions, 'module.path:function' or 'file.py:function' (type hints + docstring)")
+    rollout_fn: Optional[str] = opt(None, "a rollout hook 'module:function' that drives the engine for one episode itself "
+                                    "(rlhf.envs.hooks); instead of factory/tools")
+    max_turns: int = opt(4, "model turns per episode at most (each up to generation.max_new_tokens tokens)")
+    max_tokens: int = opt(256, "tokens per episode after the prompt (the model's and the environment's); a tool result that "
+                               "would overflow it is dropped and the episode ends")
+    tool_timeout_s: float = opt(10.0, "per tool call (and reset / get_reward); a call that hangs is answered with an error")
+    tool_parser: str = opt("hermes", "how tool calls are read from the model's output: a name in rlhf.envs.TOOL_PARSERS "
+                                     "(hermes: <tool_call>{json}</tool_call>) or 'module:function'")
+    tool_format: Literal["auto", "template", "fallback"] = opt(
+        "auto", "where the tool schemas go: the chat template's tools= rendering (template), a system message of ours "
+        "(fallback, for templates without tool support such as SmolLM2's), or auto: template when it renders tools")
+    result_role: Literal["tool", "user"] = opt("tool", "the role of a tool's result message")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.factory or self.tools or self.rollout_fn)
+
+
+@dataclass
 class SpeedConfig:
     engine_bf16_casts: bool = opt(
         True, "the HF engine's decode loop casts the policy's linear weights to bf16 at every weight sync: reuse those "
@@ -290,6 +293,7 @@ class Config:
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpoints and resume")
     log: LogConfig = opt(LogConfig(), "logging, trackers and the report")
     eval: EvalConfig = opt(EvalConfig(), "evaluation on data.eval (rlhf eval, and before/after training)")
+    env: EnvConfig = opt(EnvConfig(), "multi-turn episodes: an environment, tools or a rollout hook (rlhf.envs)")
     speed: SpeedConfig = opt(SpeedConfig(), "named speed tricks, each an explicit opt-in (on by default)")
 
     @property
@@ -350,6 +354,14 @@ class Config:
         if a.dual_clip is not None and a.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1, got {a.dual_clip}")
         self._validate_log_and_eval()
+        e = self.env
+        if e.enabled:
+            if e.rollout_fn and (e.factory or e.tools):
+                raise ConfigError("env.rollout_fn drives whole episodes itself: set it alone, without env.factory or env.tools")
+            for key, ok in (("env.max_turns", e.max_turns >= 1), ("env.max_tokens", e.max_tokens >= 1),
+                            ("env.tool_timeout_s", e.tool_timeout_s > 0)):
+                if not ok:
+                    raise ConfigError(f"{key} must be > 0, got {_get(self, key)}")
         for key, ok, rule in [
             ("algo.eps_low", a.eps_low >= 0, ">= 0 (>= 1: no lower clip, as CISPO)"), ("algo.eps_high", a.eps_high >= 0, ">= 0"),
             ("algo.std_eps", a.std_eps >= 0, ">= 0"), ("algo.gamma", 0 <= a.gamma <= 1, "in [0, 1]"),
@@ -366,8 +378,9 @@ class Config:
         ]:
             if not ok:
                 raise ConfigError(f"{key} must be {rule}, got {_get(self, key)}")
-        if not self.reward.functions:
-            raise ConfigError("reward.functions is empty: give at least one reward function")
+        if not self.reward.functions and not self.env.enabled:
+            raise ConfigError("reward.functions is empty: give at least one reward function (or an environment whose "
+                              "get_reward scores episodes, env.factory)")
         for i, spec in enumerate(self.reward.functions):
             if not spec.fn:
                 raise ConfigError(f"reward.functions[{i}].fn is empty")
@@ -426,145 +439,11 @@ def _get(obj: Any, dotted: str) -> Any:
 # ----------------------------------------------------------------------------- loading
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: invalid value {value!r}; choose one of {', '.join(map(repr, args))}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {k: _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
-
-
-MOVED = {"train.malloc_mmap_threshold_mb": "speed.malloc_mmap_threshold_mb"}  # old key -> its new place
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, failing on unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if f"{prefix}{key}" in MOVED:
-            raise ConfigError(f"config key '{prefix}{key}' moved to '{MOVED[prefix + key]}'")
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(prefix + n for n in names)}"
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-        kwargs[key] = _coerce(hints[key], value, prefix + key)
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ['a.b=1', 'c=x'] into {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
-        node = tree
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
-        node[parts[-1]] = value
-    return tree
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type | None = None) -> Any:
     """Read YAML `path` (optional), apply dotted overrides, return a typed `cls` (default: the RL Config)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of config keys")
-    data = _merge(data, parse_overrides(overrides or []))
-    return from_dict(cls, data)
+    return load_typed(cls or Config, path, overrides)
 
 
-def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key, type, default, help) for every leaf key, for `rlhf train --help`."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, prefix + f.name + "."))
-            continue
-        rows.append((prefix + f.name, _type_name(tp), repr(default if not dataclasses.is_dataclass(default) else to_dict(default)), f.metadata.get("help", "")))
-    return rows
+def describe(cls: type | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every leaf key of `cls` (default: the RL Config), for `--help`."""
+    return _describe(cls or Config, prefix)

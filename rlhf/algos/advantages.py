@@ -6,8 +6,8 @@ belongs to group n // G), T completion tokens (right-padded).
 
 Time steps are the policy's own tokens, `mask_NT` = 1 (its actions). A completion may hold other
 tokens between them (a tool's result in a multi-turn episode, mask 0): they are not time steps.
-Returns and GAE pass over them unchanged (no discount, no value), and a reward that sits on such a
-token belongs to the last action before it (docs/derivation.md#conventions). Every std is the
+Returns and GAE pass over them unchanged (no discount, no value), and they carry no reward: the
+trainer puts a sample's score on its last action (docs/derivation.md#conventions). Every std is the
 unbiased sample std (n - 1).
 
 All take per-token rewards `rewards_NT` (the sequence score sits on the last completion
@@ -44,18 +44,9 @@ AdvantageFn = Callable[[AdvantageInputs, "object"], "tuple[Tensor, Tensor]"]
 ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
 
 
-def action_rewards(rewards_NT: Tensor, mask_NT: Tensor) -> Tensor:
-    """rewards_NT with every reward moved onto a time step: one on a non-action token goes to the last action
-    before it (none before it: dropped); 0 off the actions."""
-    pos_NT = torch.arange(mask_NT.shape[1]).expand_as(mask_NT)
-    owner_NT = torch.where(mask_NT.bool(), pos_NT, -1).cummax(-1).values  # the last action at or before t
-    moved_NT = torch.where(owner_NT >= 0, rewards_NT, 0.0)
-    return torch.zeros_like(rewards_NT).scatter_add_(-1, owner_NT.clamp(min=0), moved_NT) * mask_NT
-
-
 def sequence_scores(inp: AdvantageInputs) -> Tensor:
     """score_N: the summed per-token reward of each sample (NaN stays NaN)."""
-    return action_rewards(inp.rewards_NT, inp.mask_NT).sum(-1)
+    return (inp.rewards_NT * inp.mask_NT).sum(-1)
 
 
 def compact(x_NT: Tensor, mask_NT: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -139,7 +130,7 @@ def rloo(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
 def discounted_returns(rewards_NT: Tensor, mask_NT: Tensor, gamma: float) -> Tensor:
     """ret_NT[n, t] = sum_{tau >= t} gamma^(tau - t) r_tau over the time steps of each sequence (the causality
     trick, docs/derivation.md#causality); tau and t count actions only."""
-    r_NT, m_NT, order_NT = compact(torch.nan_to_num(action_rewards(rewards_NT, mask_NT), nan=0.0), mask_NT)
+    r_NT, m_NT, order_NT = compact(torch.nan_to_num(rewards_NT * mask_NT, nan=0.0), mask_NT)
     ret_NT = torch.zeros_like(r_NT)
     running_N = torch.zeros_like(r_NT[:, 0])
     for t in reversed(range(r_NT.shape[1])):
@@ -229,7 +220,7 @@ def nstep_td(inp: AdvantageInputs, cfg) -> tuple[Tensor, Tensor]:
 def _actions(inp: AdvantageInputs, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(r_NT, values_NT, mask_NT, order_NT) compacted to the time steps (see `compact`)."""
     values_NT = _require_values(inp, name)
-    r_NT, m_NT, order_NT = compact(torch.nan_to_num(action_rewards(inp.rewards_NT, inp.mask_NT), nan=0.0), inp.mask_NT)
+    r_NT, m_NT, order_NT = compact(torch.nan_to_num(inp.rewards_NT * inp.mask_NT, nan=0.0), inp.mask_NT)
     return r_NT, values_NT.gather(-1, order_NT), m_NT, order_NT
 
 

@@ -11,6 +11,7 @@ the same on all processes, but only processes still short of groups generate.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -19,7 +20,8 @@ from rlhf.data import PromptSource
 from rlhf.engine import GenerationEngine, SamplingParams
 from rlhf.logging import PhaseTimer
 from rlhf.rewards import RewardModule
-from rlhf.rollout.samples import Samples
+from rlhf.rollout.episodes import EpisodeSpec, run_episodes
+from rlhf.rollout.samples import Completions, Samples
 from rlhf.runtime import Runtime
 
 
@@ -32,6 +34,7 @@ class RolloutSource:
     rewards: RewardModule
     tokenizer: object
     return_logps: bool = False  # ask the engine for the sampled tokens' log-probs
+    episodes: Optional[EpisodeSpec] = None  # multi-turn: an environment, tools or a rollout hook
 
 
 def sampling_params(gen) -> SamplingParams:
@@ -39,37 +42,60 @@ def sampling_params(gen) -> SamplingParams:
     return SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k)
 
 
-def sample_round(src: RolloutSource, cfg, rt: Runtime, timer: PhaseTimer) -> tuple[Samples, dict]:
-    """One batch of this process's prompts, G completions each, scored (+ overlong penalty)."""
+def generate_batch(src: RolloutSource, batch, G: int, sampling: SamplingParams) -> Completions:
+    """G completions (or episodes) for each prompt of `batch`."""
+    if src.episodes is not None:
+        return run_episodes(src.episodes, src.engine, src.tokenizer, batch, G, sampling, src.return_logps)
+    rollouts = src.engine.generate(batch.prompt_ids, G, sampling, return_logps=src.return_logps)
+    texts = src.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+    prompts_N = [p for p in batch.prompts for _ in range(G)]
+    completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts_N, texts)]
+    return Completions(prompts_N, rollouts.prompt_ids, rollouts.completion_ids, completions, texts, list(rollouts.finished),
+                       rollouts.sampler_logps)
+
+
+def sample_round(src: RolloutSource, cfg, rt: Runtime, timer: PhaseTimer) -> tuple[Samples, dict, dict]:
+    """One batch of this process's prompts, G completions each, scored (+ overlong penalty);
+    (samples, reward stats, episode counters)."""
     G = cfg.train.samples_per_prompt
     with timer("generate"):
         batch = src.prompts.batch(cfg.train.prompts_per_step, rt.process_index, rt.num_processes)
-        rollouts = src.engine.generate(batch.prompt_ids, G, sampling_params(cfg.generation), return_logps=src.return_logps)
+        gen = generate_batch(src, batch, G, sampling_params(cfg.generation))
     with timer("reward"):
-        texts = src.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-        prompts_N = [p for p in batch.prompts for _ in range(G)]
-        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts_N, texts)]
         columns = {k: [v for v in vals for _ in range(G)] for k, vals in batch.columns.items()}
-        result = src.rewards(prompts_N, completions, rollouts.completion_ids, columns)
+        result = src.rewards(gen.prompts, gen.completions, gen.completion_ids, {**columns, **gen.columns})
     scores_N, per_fn = result.scores_N, dict(result.per_fn)
     over = cfg.algo.overlong
     if over.buffer > 0:
-        lengths_N = torch.tensor([len(c) for c in rollouts.completion_ids])
+        lengths_N = torch.tensor([len(c) for c in gen.completion_ids])
         pen_N = overlong_penalty(lengths_N, cfg.generation.max_new_tokens, over.buffer, over.penalty)
         scores_N = scores_N + pen_N
         per_fn["overlong_penalty"] = pen_N.tolist()
-    samples = Samples(prompts_N, rollouts.prompt_ids, rollouts.completion_ids, texts, list(rollouts.finished), scores_N, per_fn,
-                      rollouts.sampler_logps)
-    return samples, dict(result.stats)
+    samples = Samples(gen.prompts, gen.prompt_ids, gen.completion_ids, gen.texts, gen.finished, scores_N, per_fn,
+                      gen.sampler_logps, gen.action_masks, gen.transcripts)
+    return samples, dict(result.stats), gen.stats
+
+
+def episode_metrics(stats: dict, rt: Runtime) -> dict:
+    """Over every process: turns and tool calls per episode, errors, timeouts and malformed calls (totals), the
+    share of environment tokens and of episodes a budget ended."""
+    tot = {k: rt.reduce_sum(v) for k, v in stats.items()}
+    n = max(1.0, tot["episodes"])
+    return {"env/turns_mean": tot["turns"] / n, "env/tool_calls_mean": tot["tool_calls"] / n,
+            "env/tool_errors": tot["tool_errors"], "env/tool_timeouts": tot["tool_timeouts"],
+            "env/malformed_calls": tot["malformed_calls"], "env/overflows": tot["overflows"],
+            "env/truncated_frac": tot["truncated"] / n,
+            "env/env_token_frac": tot["env_tokens"] / max(1.0, tot["env_tokens"] + tot["model_tokens"]),
+            "env/model_tokens_mean": tot["model_tokens"] / n}
 
 
 def rollout(src: RolloutSource, cfg, rt: Runtime, timer: PhaseTimer) -> tuple[Samples, dict, dict]:
     """(samples, reward stats, dynamic-sampling metrics) with exactly this process's share of groups."""
     G = cfg.train.samples_per_prompt
-    samples, reward_stats = sample_round(src, cfg, rt, timer)
+    samples, reward_stats, env_stats = sample_round(src, cfg, rt, timer)
     ds = cfg.algo.dynamic_sampling
     if not ds.enabled:
-        return samples, reward_stats, {}
+        return samples, reward_stats, episode_metrics(env_stats, rt) if env_stats else {}
     need = cfg.train.prompts_per_step // rt.num_processes
     kept, dropped, generated = [], [], [samples.scores_N]
 
@@ -86,11 +112,13 @@ def rollout(src: RolloutSource, cfg, rt: Runtime, timer: PhaseTimer) -> tuple[Sa
             break
         rounds += 1
         if short > 0:
-            more, stats = sample_round(src, cfg, rt, timer)
+            more, stats, more_env = sample_round(src, cfg, rt, timer)
             split(more)
             generated.append(more.scores_N)
             for k, v in stats.items():
                 reward_stats[k] = reward_stats.get(k, 0.0) + v
+            for k, v in more_env.items():
+                env_stats[k] = env_stats.get(k, 0.0) + v
         else:  # this process is full; draw the round's prompts anyway so every process stays in step
             src.prompts.batch(cfg.train.prompts_per_step, rt.process_index, rt.num_processes)
     good, bad = Samples.cat(kept), Samples.cat(dropped)
@@ -106,4 +134,4 @@ def rollout(src: RolloutSource, cfg, rt: Runtime, timer: PhaseTimer) -> tuple[Sa
         "dynamic_sampling/generated_reward_mean":
             rt.reduce_sum(all_N[finite_N].sum()) / max(1.0, rt.reduce_sum(finite_N.sum())),
     }
-    return out, reward_stats, metrics
+    return out, reward_stats, {**metrics, **(episode_metrics(env_stats, rt) if env_stats else {})}

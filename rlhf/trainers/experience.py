@@ -14,9 +14,10 @@ class Experience:
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
-    mask_NT: Tensor  # 1.0 on completion tokens
+    mask_NT: Tensor  # 1.0 on completion tokens (an episode's: the model's and the environment's)
     scores_N: Tensor  # combined reward, NaN where unscorable
-    loss_mask_NT: Optional[Tensor] = None  # tokens that enter the loss (mask_NT without masked-out rows); None: mask_NT
+    action_mask_NT: Optional[Tensor] = None  # episodes: 1.0 on the tokens the model sampled (time steps); None: mask_NT
+    loss_mask_NT: Optional[Tensor] = None  # tokens that enter the loss (the actions of rows that count); None: actions
     rewards_NT: Optional[Tensor] = None  # per-token rewards: score on the last token (- beta * KL_t when in the reward)
     adv_NT: Optional[Tensor] = None
     ret_NT: Optional[Tensor] = None
@@ -51,14 +52,21 @@ class Experience:
         exp = cls(samples.prompt_ids, samples.completion_ids, mask_NT, samples.scores_N)
         if samples.sampler_logps is not None:
             exp.sampler_logp_NT = pad_rows(samples.sampler_logps, mask_NT.shape[1])
+        if samples.action_masks is not None:
+            exp.action_mask_NT = pad_rows(samples.action_masks, mask_NT.shape[1])
         if mask_truncated:
-            exp.loss_mask_NT = mask_NT * torch.tensor(samples.finished, dtype=mask_NT.dtype).unsqueeze(-1)
+            exp.loss_mask_NT = exp.actions_NT * torch.tensor(samples.finished, dtype=mask_NT.dtype).unsqueeze(-1)
         return exp
 
     @property
+    def actions_NT(self) -> Tensor:
+        """The time steps: the tokens the policy sampled itself (every completion token of a single turn)."""
+        return self.mask_NT if self.action_mask_NT is None else self.action_mask_NT
+
+    @property
     def train_mask_NT(self) -> Tensor:
-        """The tokens that count in the loss and its normaliser."""
-        return self.mask_NT if self.loss_mask_NT is None else self.loss_mask_NT
+        """The tokens that count in the loss, its normaliser, the KL and the IS correction."""
+        return self.actions_NT if self.loss_mask_NT is None else self.loss_mask_NT
 
 
 def completion_mask(completion_ids: list[list[int]]) -> Tensor:
@@ -77,8 +85,9 @@ def pad_rows(rows: list[list[float]], T: int) -> Tensor:
 
 
 def score_at_last_token(scores_N: Tensor, mask_NT: Tensor) -> Tensor:
-    """rewards_NT with each sample's score on its last completion token (0 elsewhere)."""
-    last_N = (mask_NT.sum(-1).long() - 1).clamp(min=0)
+    """rewards_NT with each sample's score on its last token of `mask_NT` (its last action; 0 elsewhere)."""
+    pos_NT = torch.arange(mask_NT.shape[1]).expand_as(mask_NT)
+    last_N = torch.where(mask_NT > 0, pos_NT, 0).amax(-1)
     rewards_NT = torch.zeros_like(mask_NT)
     rewards_NT[torch.arange(len(scores_N)), last_N] = scores_N.to(mask_NT.dtype)
     return rewards_NT

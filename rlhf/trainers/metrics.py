@@ -56,6 +56,7 @@ def completion_rows(step: int, exp: Experience, samples: Samples, count: int) ->
         rows.append({
             "step": step, "prompt": prompt if isinstance(prompt, str) else json.dumps(prompt),
             "completion": samples.texts[i], "reward": float(exp.scores_N[i]),
+            **({"transcript": samples.transcripts[i]} if samples.transcripts is not None else {}),
             **{f"reward/{k}": v[i] for k, v in samples.per_fn.items()}, "advantage": float(exp.adv_NT[i, 0]),
         })
     return rows
@@ -63,7 +64,7 @@ def completion_rows(step: int, exp: Experience, samples: Samples, count: int) ->
 
 def sequence_kl(kl_fn, exp: Experience, rt: Runtime) -> float:
     """Mean over samples (all processes) of sum_t KL_t(pi_old || pi_ref): the adaptive KL controller's measure."""
-    kl_NT = kl_fn(exp.old_logp_NT, exp.ref_logp_NT) * exp.mask_NT
+    kl_NT = kl_fn(exp.old_logp_NT, exp.ref_logp_NT) * exp.actions_NT
     return rt.reduce_sum(kl_NT.sum()) / max(1.0, rt.reduce_sum(len(exp)))
 
 

@@ -15,19 +15,19 @@ from rlhf.trainers.experience import Experience, score_at_last_token
 def token_rewards(exp: Experience, kl_fn: Callable, beta: float, in_reward: bool,
                   rt: Runtime) -> tuple[Tensor, Optional[float]]:
     """(rewards_NT, mean KL per token over every process or None): r_t = score [t = last] - beta KL_t(old || ref)
-    when `in_reward` (Ziegler et al. 2019), else the score on the last token alone."""
-    rewards_NT = score_at_last_token(exp.scores_N, exp.mask_NT)
+    when `in_reward` (Ziegler et al. 2019), else the score on the last token alone; over the policy's own tokens."""
+    rewards_NT = score_at_last_token(exp.scores_N, exp.actions_NT)
     if not in_reward or beta == 0:
         return rewards_NT, None
-    kl_NT = kl_fn(exp.old_logp_NT, exp.ref_logp_NT) * exp.mask_NT
-    kl_mean = rt.reduce_sum(kl_NT.sum()) / max(1.0, rt.reduce_sum(exp.mask_NT.sum()))
+    kl_NT = kl_fn(exp.old_logp_NT, exp.ref_logp_NT) * exp.actions_NT
+    kl_mean = rt.reduce_sum(kl_NT.sum()) / max(1.0, rt.reduce_sum(exp.actions_NT.sum()))
     return rewards_NT - beta * kl_NT, kl_mean
 
 
 def advantages(exp: Experience, adv_fn: Callable, algo, group_size: int, rt: Runtime) -> tuple[Tensor, Tensor]:
     """(adv_NT, ret_NT) of `ADVANTAGES[algo.advantage]`, whitened over every process's loss tokens when
     `algo.whiten_advantages`."""
-    adv_NT, ret_NT = adv_fn(AdvantageInputs(exp.rewards_NT, exp.mask_NT, group_size, exp.values_NT), algo)
+    adv_NT, ret_NT = adv_fn(AdvantageInputs(exp.rewards_NT, exp.actions_NT, group_size, exp.values_NT), algo)
     if algo.whiten_advantages:
         adv_NT = whiten(adv_NT, exp.train_mask_NT, rt)
     return adv_NT, ret_NT

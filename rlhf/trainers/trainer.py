@@ -40,7 +40,8 @@ from rlhf.models.loading import load_policy, load_reference, load_tokenizer, wit
 from rlhf.models.precision import Bf16Casts
 from rlhf.redact import redact
 from rlhf.rewards import RewardModule
-from rlhf.rollout import RolloutSource, Samples, rollout
+from rlhf.envs import TOOL_PARSERS, ChatFormat, describe, environment_tools, load_environment, load_object
+from rlhf.rollout import EpisodeSpec, RolloutSource, Samples, rollout
 from rlhf.runtime import Runtime
 from rlhf.trackers import Trackers, make_accelerator
 from rlhf.trainers import checkpoint as ckpt
@@ -76,6 +77,33 @@ def build_losses(cfg: Config) -> Losses:
                   max_new_tokens=cfg.generation.max_new_tokens)
 
 
+def build_episodes(cfg: Config, tokenizer, factory=None, tools=None, rollout_fn=None) -> Optional[EpisodeSpec]:
+    """Multi-turn episodes from `env.*` (or the Python objects that replace them), or None for single-turn
+    sampling. The chat template is checked for prefix preservation before anything trains on it."""
+    e = cfg.env
+    factory = factory if factory is not None else (load_environment(e.factory) if e.factory else None)
+    tools = list(tools) if tools is not None else [load_object(t, "tool") for t in e.tools]
+    hook = rollout_fn if rollout_fn is not None else (load_object(e.rollout_fn, "rollout hook") if e.rollout_fn else None)
+    if factory is None and not tools and hook is None:
+        return None
+    parser = TOOL_PARSERS.get(e.tool_parser) if ":" not in e.tool_parser else load_object(e.tool_parser, "tool parser")
+    tools = [describe(t) for t in tools]
+    probe = environment_tools(factory()) if factory is not None else []  # one instance shows the methods' schemas
+    chat = ChatFormat(tokenizer, tools + probe, e.tool_format, e.result_role)
+    if hook is None:
+        chat.check_prefix_preserving()
+    return EpisodeSpec(chat, e, factory, tools, parser, hook, cfg.data.train)
+
+
+def episode_reward(name: str) -> Callable:
+    """The reward source of an environment's get_reward (or a rollout hook's reward): weight 1, named `name`."""
+    def reward(env_reward, **kwargs):
+        return env_reward
+
+    reward.__name__ = name
+    return reward
+
+
 def build_prompts(cfg: Config, tokenizer, dataset=None) -> PromptSource:
     """The training prompts: `dataset` (a `datasets.Dataset`) or `data.train` (a task, file or directory)."""
     d = cfg.data
@@ -89,11 +117,13 @@ class Trainer:
     """`Trainer(cfg).train()`; see the module docstring for one step."""
 
     def __init__(self, cfg: Config, accelerator: Optional[Accelerator] = None, *, model=None, tokenizer=None,
-                 reward_funcs: Optional[Sequence[Callable]] = None, train_dataset=None):
+                 reward_funcs: Optional[Sequence[Callable]] = None, train_dataset=None, environment_factory=None,
+                 tools: Optional[Sequence[Callable]] = None, rollout_fn: Optional[Callable] = None):
         """From Python, as with TRL: `model` a local model directory (replaces `model.path`) or an already-loaded
         causal LM (then `tokenizer` too, unless the model was loaded from a local directory), `reward_funcs`
         callables with TRL's signature (or (callable, weight) pairs; replace `reward.functions`), `train_dataset`
-        a `datasets.Dataset` with a prompt column (replaces `data.train`)."""
+        a `datasets.Dataset` with a prompt column (replaces `data.train`); `environment_factory` (a class: one
+        instance per episode), `tools` (functions) and `rollout_fn` (a rollout hook) replace `env.*`."""
         if isinstance(model, (str, Path)):
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(model)))
             model = None
@@ -118,9 +148,14 @@ class Trainer:
         self.log(f"{cfg.derived_summary(self.acc.num_processes)} | layout {self.layout}")
 
         # Cheap, error-prone inputs first: rewards and data fail before the model loads.
-        specs = cfg.reward.functions if reward_funcs is None else reward_funcs
-        self.rewards = RewardModule(specs, cfg.reward.on_error, cfg.reward.timeout_s)
         self.tokenizer = with_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+        self.episodes = build_episodes(cfg, self.tokenizer, environment_factory, tools, rollout_fn)
+        specs = list(cfg.reward.functions if reward_funcs is None else reward_funcs)
+        if self.episodes is not None and callable(getattr(self.episodes.factory, "get_reward", None)):
+            specs.append((episode_reward(self.episodes.factory.__name__), 1.0))
+        if self.episodes is not None and self.episodes.hook is not None:
+            specs.append((episode_reward(self.episodes.hook.__name__), 1.0))
+        self.rewards = RewardModule(specs, cfg.reward.on_error, cfg.reward.timeout_s)
         self.prompts = build_prompts(cfg, self.tokenizer, train_dataset)
         if self.prompts.stats["prompts/too_long"]:
             self.log(f"data: {self.prompts.stats} (data.on_long_prompt={cfg.data.on_long_prompt})")
@@ -149,7 +184,7 @@ class Trainer:
             casts.install(self.unwrapped)
         # sampler log-probs: needed by an IS correction, and free from engines that declare them (gap metric)
         want_logps = cfg.algo.is_correction != "none" or ENGINES.meta(cfg.generation.engine).get("sampler_logps", False)
-        self.source = RolloutSource(self.prompts, self.engine, self.rewards, self.tokenizer, return_logps=want_logps)
+        self.source = RolloutSource(self.prompts, self.engine, self.rewards, self.tokenizer, want_logps, self.episodes)
         self.fwd = ForwardSpec(self.tokenizer.pad_token_id, cfg.generation.temperature, cfg.model.compute_dtype,
                                self.acc.device, cfg.train.pack_prompts)
         self.losses, self.adv_fn = build_losses(cfg), algos.ADVANTAGES.get(cfg.algo.advantage)

@@ -212,11 +212,11 @@ def test_tokens_that_are_not_actions_are_not_time_steps(name):
         assert torch.allclose(b[:, keep], a, atol=1e-6), name
 
 
-def test_a_reward_on_a_tool_token_belongs_to_the_action_before_it():
+def test_a_reward_on_a_tool_token_changes_nothing():
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0]])
-    on_tool = torch.tensor([[0.0, 0.0, 0.0, 2.0, 0.0]])
-    on_action = torch.tensor([[0.0, 2.0, 0.0, 0.0, 0.0]])
+    plain = torch.tensor([[0.0, 2.0, 0.0, 0.0, 1.0]])
+    on_tool = plain + torch.tensor([[0.0, 0.0, 5.0, -3.0, 0.0]])
     cfg = AlgoConfig(gamma=0.5)
     a = ADVANTAGES.get("reinforce")(AdvantageInputs(on_tool, mask, 1), cfg)[0]
-    b = ADVANTAGES.get("reinforce")(AdvantageInputs(on_action, mask, 1), cfg)[0]
-    assert torch.equal(a, b) and a[0, 0] == 1.0 and a[0, 1] == 2.0  # discounted once, over one action, not three tokens
+    b = ADVANTAGES.get("reinforce")(AdvantageInputs(plain, mask, 1), cfg)[0]
+    assert torch.equal(a, b) and a[0, 1] == 2.5  # discounted once, over one action, not three tokens
