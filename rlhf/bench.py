@@ -104,7 +104,8 @@ def run_rlhf(steps: int, warmup: int, out_dir: str, extra: list[str]) -> dict:
     phases = {k.removeprefix("time/").removesuffix("_s"): statistics.mean(r[k] for r in records)
               for k in records[0] if k.startswith("time/") and k != "time/step_s"}
     tokens = statistics.mean(r["tokens/total"] for r in records) if "tokens/total" in records[0] else None
-    return {"step_s": step_s, "samples_per_s": s["prompts_per_step"] * s["samples_per_prompt"] / step_s,
+    overlap = {k: statistics.mean(r.get(f"time/{k}_s", 0.0) for r in records) for k in ("async_generate", "wait")}
+    return {"step_s": step_s, "async_generate_s": overlap["async_generate"], "wait_s": overlap["wait"], "samples_per_s": s["prompts_per_step"] * s["samples_per_prompt"] / step_s,
             "step_times_s": [r["time/step_s"] for r in records], "phases_s": phases,
             **peak_memory(), "params": params, "tokens_per_step": tokens,
             "reward_mean": statistics.mean(r["reward/mean"] for r in records), "threads": torch.get_num_threads()}
@@ -219,12 +220,35 @@ def run_interleaved(runs: dict[str, list[str]], rounds: int, out: Path) -> dict[
                 w.proc.kill()
 
 
+def run_async_pair(steps: int, warmup: int, out: Path, overrides: list[str], k: int = 1, rounds: int = 2) -> dict:
+    """The synchronous and the asynchronous loop (train.max_staleness=k), each run alone (taking turns step by step
+    would hand the asynchronous run's background generation the other run's time), ABAB: samples/s of each, how
+    much of the generation the asynchronous loop hid behind training, peak RSS."""
+    runs: dict[str, list[dict]] = {"sync": [], "async": []}
+    for r in range(rounds):
+        for name, extra in (("sync", []), ("async", [f"train.max_staleness={k}"])):
+            args = ["rlhf", str(steps), str(warmup), str(out / f"{name}{r}"), *overrides, *extra]
+            runs[name].append(run_interleaved({name: args}, steps + warmup, out / f"{name}{r}")[name])
+    mean = lambda name, key: statistics.mean(x[key] for x in runs[name])  # noqa: E731
+    gen_s, wait_s = mean("async", "async_generate_s"), mean("async", "wait_s")
+    return {"max_staleness": k, "sync_samples_per_s": round(mean("sync", "samples_per_s"), 3),
+            "async_samples_per_s": round(mean("async", "samples_per_s"), 3),
+            "async_speedup": round(mean("async", "samples_per_s") / mean("sync", "samples_per_s"), 3),
+            "sync_phases_s": {k2: round(statistics.mean(x["phases_s"][k2] for x in runs["sync"]), 3)
+                              for k2 in runs["sync"][0]["phases_s"]},
+            "async_generate_s": round(gen_s, 3), "async_wait_s": round(wait_s, 3),
+            "generation_hidden_frac": round(1 - wait_s / gen_s, 3) if gen_s else None,
+            "peak_rss_mb": {n: max(x["peak_rss_mb"] for x in runs[n]) for n in runs}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="rlhf bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=4, help="timed steps per framework")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--no-trl", action="store_true", help="time rlhf only")
+    p.add_argument("--async", dest="async_k", type=int, default=0, metavar="K",
+                   help="also time the asynchronous loop (train.max_staleness=K) beside the synchronous one")
     p.add_argument("--out", default="runs/bench", help="scratch directory for the runs")
     p.add_argument("--model", default=SETTINGS["model"], help="model for both frameworks (a name or a local directory)")
     p.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -256,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["rlhf_rss_le_trl"] = result["rlhf"]["peak_rss_mb"] <= result["trl_defaults"]["peak_rss_mb"]
         if "peak_gpu_mb" in result["rlhf"]:
             result["rlhf_gpu_mem_le_trl"] = result["rlhf"]["peak_gpu_mb"] <= result["trl_defaults"]["peak_gpu_mb"]
+    if a.async_k:
+        result["async"] = run_async_pair(a.steps, a.warmup, out / "async", a.overrides, a.async_k)
     result["matmul_gflops_end"] = {d: round(matmul_gflops(d), 1) for d in ("bf16", "fp32")}
     r = result["rlhf"]
     if r.get("tokens_per_step"):

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import textwrap
-from typing import Iterator
 
 from rlhf.config import Config, ConfigError, describe, load_config
-from rlhf.errors import UserError
+from rlhf.errors import UserError, user_errors_exit
 from rlhf.registry import Registry
 
 TRAIN_USAGE = "rlhf train CONFIG.yaml [key=value ...]   (keys below; nested keys are dotted, e.g. train.lr=1e-5)"
@@ -26,16 +24,6 @@ def keys_help(cls: type, usage: str) -> str:
 
 def train_help() -> str:
     return keys_help(Config, TRAIN_USAGE)
-
-
-@contextlib.contextmanager
-def user_errors_exit(prog: str = "") -> Iterator[None]:
-    """A user's error (rlhf.errors.UserError: config, data, reward function, model path, checkpoint) ends the command
-    with its one-line message and exit status 1; anything else keeps its traceback (a bug)."""
-    try:
-        yield
-    except UserError as e:
-        sys.exit(f"{prog}{'config error' if isinstance(e, ConfigError) else 'error'}: {e}")
 
 
 def train_main(argv: list[str]) -> list[dict]:
@@ -160,10 +148,17 @@ def bench_main(argv: list[str]) -> None:
     bench.main(argv)
 
 
+def sweep_main(argv: list[str]) -> None:
+    """`rlhf sweep RECIPE --seeds 0,1,2 [key=value ...]`: the recipe over several seeds, one report."""
+    from rlhf import sweep
+
+    sweep.main(argv)
+
+
 # Packages add subcommands through the "rlhf.commands" entry points (`rlhf reward ...` comes from reward_models).
 COMMANDS = Registry("rlhf command", "rlhf.commands")
 for _name, _fn in {"bench": bench_main, "train": train_main, "eval": eval_main, "report": report_main,
-                   "export": export_main, "model": model_main}.items():
+                   "export": export_main, "model": model_main, "sweep": sweep_main}.items():
     COMMANDS.register(_name)(_fn)
 
 

@@ -60,6 +60,9 @@ class VLLMConfig:
     gpu_memory_utilization: float = opt(0.3, "GPU: fraction of GPU memory vLLM takes (weights + KV cache); training uses the rest")
     sleep: bool = opt(True, "GPU: free vLLM's weights and KV cache between generation and the next weight sync")
     enforce_eager: bool = opt(True, "run eagerly (on CPU, compiled mode took ~70 s to start and was no faster; on GPU false enables CUDA graphs)")
+    lora_sync: Literal["adapter", "merged"] = opt(
+        "adapter", "with model.lora.enabled: vLLM loads the trained adapter itself, under a new adapter name per policy "
+        "version (adapter), or the adapter is merged into every weight and the whole model reloaded (merged)")
 
 
 @dataclass
@@ -132,7 +135,7 @@ class AlgoConfig:
     n_step: int = opt(3, "n for nstep_td")
     is_correction: str = opt(
         "none", "importance-sampling correction for the sampler/trainer mismatch (rlhf.algos.IS_CORRECTIONS): "
-        "none, token_truncate, token_mask or seq_mask"
+        "none, token_truncate, token_mask, seq_mask or seq_truncate"
     )
     is_cap: float = opt(2.0, "cap C on the ratio pi_old/pi_sampler for is_correction (> 1)")
     whiten_advantages: bool = opt(False, "normalise the advantages to mean 0, std 1 over the batch's loss tokens (all processes; PPO)")
@@ -166,6 +169,9 @@ class TrainConfig:
         "and stop the run with an error (0: never stop)"
     )
     seed: int = opt(0, "seed for data order, sampling and initialisation")
+    max_staleness: int = opt(
+        0, "asynchronous rollouts: batches are generated while the trainer updates, at most this many policy versions "
+        "behind the policy that trains on them (0: the synchronous loop); pair with algo.is_correction")
 
 
 @dataclass
@@ -185,6 +191,8 @@ class EnvConfig:
         "auto", "where the tool schemas go: the chat template's tools= rendering (template), a system message of ours "
         "(fallback, for templates without tool support such as SmolLM2's), or auto: template when it renders tools")
     result_role: Literal["tool", "user"] = opt("tool", "the role of a tool's result message")
+    stop: list[str] = opt(["</tool_call>"], "a model turn ends right after the first of these strings (what it sampled "
+                                            "after it is dropped, as a stop sequence does; the template then closes the turn)")
 
     @property
     def enabled(self) -> bool:
@@ -306,6 +314,14 @@ class Config:
         for key in ("steps", "prompts_per_step", "samples_per_prompt", "micro_batch_size", "updates_per_batch", "mini_batches_per_pass"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+        if t.max_staleness < 0:
+            raise ConfigError(f"train.max_staleness must be >= 0, got {t.max_staleness}")
+        if t.max_staleness and self.generation.engine == "hf" and self.model.lora.enabled:
+            raise ConfigError("train.max_staleness > 0 samples while the policy trains: the hf engine samples a LoRA policy "
+                              "from the policy itself; use full fine-tuning (model.lora.enabled=false) or generation.engine=vllm")
+        if t.max_staleness and self.algo.dynamic_sampling.enabled:
+            raise ConfigError("algo.dynamic_sampling.enabled=true generates extra rounds on demand (collective, synchronous); "
+                              "it cannot run with train.max_staleness > 0")
         if t.max_skipped_steps < 0:
             raise ConfigError(f"train.max_skipped_steps must be >= 0, got {t.max_skipped_steps}")
         if not 0 <= self.speed.malloc_mmap_threshold_mb <= 32:

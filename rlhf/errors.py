@@ -3,6 +3,10 @@ line (`error: ...`, naming the culprit: the key, file, row, function or model) a
 Anything else is a bug in rlhf and keeps its traceback."""
 from __future__ import annotations
 
+import contextlib
+import sys
+from typing import Iterator
+
 
 class UserError(Exception):
     """A problem with what the user gave: config, data, reward function, model path, checkpoint, a run that
@@ -19,3 +23,13 @@ class BadModel(UserError, ValueError):
 
 class RewardError(UserError, RuntimeError):
     """A reward function cannot be found or failed; the message names the function (and sample, where known)."""
+
+
+@contextlib.contextmanager
+def user_errors_exit(prog: str = "") -> Iterator[None]:
+    """A user's error (rlhf.errors.UserError: config, data, reward function, model path, checkpoint) ends the command
+    with its one-line message and exit status 1; anything else keeps its traceback (a bug)."""
+    try:
+        yield
+    except UserError as e:
+        sys.exit(f"{prog}{'config error' if type(e).__name__ == 'ConfigError' else 'error'}: {e}")

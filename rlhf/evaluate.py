@@ -23,6 +23,7 @@ from rlhf.config import Config, ConfigError
 from rlhf.data import PromptSource, load_prompt_dataset
 from rlhf.engine import SamplingParams
 from rlhf.rewards import RewardModule
+from rlhf.rollout import EpisodeSpec, RolloutSource, build_episodes, episode_rewards, generate_batch
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -49,18 +50,18 @@ def eval_prompts(cfg: Config, tokenizer) -> PromptSource:
                         on_long_prompt=d.on_long_prompt, shuffle=False, seed=cfg.train.seed)
 
 
-def _score(rewards: RewardModule, tokenizer, prompts: list, completion_ids: list[list[int]],
-           columns: dict[str, list]) -> tuple[list[str], torch.Tensor, dict[str, list]]:
-    """Decode and score completions the way the trainer does (chat prompts get message-list completions)."""
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
-    result = rewards(prompts, completions, completion_ids, columns)
-    return texts, result.scores_N, result.per_fn
+def _score(src: RolloutSource, batch, n: int, sampling: SamplingParams) -> tuple[list[str], torch.Tensor, dict[str, list]]:
+    """n completions (or episodes) per prompt of `batch`, scored the way the trainer scores them."""
+    gen = generate_batch(src, batch, n, sampling)
+    columns = {k: [v for v in vals for _ in range(n)] for k, vals in batch.columns.items()}
+    result = src.rewards(gen.prompts, gen.completions, gen.completion_ids, {**columns, **gen.columns})
+    return gen.texts, result.scores_N, result.per_fn
 
 
-def evaluate_engine(engine, tokenizer, cfg: Config, model_name: str = "policy",
-                    rewards: Optional[RewardModule] = None) -> dict[str, Any]:
+def evaluate_engine(engine, tokenizer, cfg: Config, model_name: str = "policy", rewards: Optional[RewardModule] = None,
+                    episodes: Optional[EpisodeSpec] = None) -> dict[str, Any]:
     """Greedy accuracy and pass@k of whatever `engine` generates with, on `data.eval`; returns a JSON-able dict.
+    With `episodes`, each sample is a multi-turn episode, as in training.
 
     Sampling is seeded with `train.seed` inside a forked RNG: evaluating does not change
     the random stream of a training run around it.
@@ -68,22 +69,24 @@ def evaluate_engine(engine, tokenizer, cfg: Config, model_name: str = "policy",
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.train.seed)
-        return _evaluate(engine, tokenizer, cfg, model_name, rewards)
+        return _evaluate(engine, tokenizer, cfg, model_name, rewards, episodes)
 
 
-def _evaluate(engine, tokenizer, cfg: Config, model_name: str, rewards: Optional[RewardModule]) -> dict[str, Any]:
+def _evaluate(engine, tokenizer, cfg: Config, model_name: str, rewards: Optional[RewardModule],
+              episodes: Optional[EpisodeSpec]) -> dict[str, Any]:
     t0 = time.perf_counter()
     ev, g = cfg.eval, cfg.generation
-    rewards = rewards or RewardModule(cfg.reward.functions, cfg.reward.on_error, cfg.reward.timeout_s)
+    rewards = rewards or RewardModule(list(cfg.reward.functions) + episode_rewards(episodes), cfg.reward.on_error,
+                                      cfg.reward.timeout_s)
     source = eval_prompts(cfg, tokenizer)
+    src = RolloutSource(source, engine, rewards, tokenizer, False, episodes)
     n = ev.samples or ev.k
     greedy = SamplingParams(g.max_new_tokens, greedy=True)
     sampled = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k)
     correct, scores, per_fn, examples, pass_k, pass_1 = [], [], {}, [], [], []
     for start in range(0, len(source), ev.batch_size):
         batch = source.get(source.rows[start: start + ev.batch_size])
-        out = engine.generate(batch.prompt_ids, 1, greedy)
-        texts, s, fns = _score(rewards, tokenizer, batch.prompts, out.completion_ids, batch.columns)
+        texts, s, fns = _score(src, batch, 1, greedy)
         scores += s.tolist()
         correct += [bool(x >= ev.threshold) for x in s.tolist()]  # NaN (unscored) is never correct
         for name, values in fns.items():
@@ -93,10 +96,7 @@ def _evaluate(engine, tokenizer, cfg: Config, model_name: str, rewards: Optional
                 examples.append({"prompt": p, "completion": t, "reward": x if math.isfinite(x) else None,
                                  "correct": bool(x >= ev.threshold)})
         if n:
-            out = engine.generate(batch.prompt_ids, n, sampled)
-            prompts_N = [p for p in batch.prompts for _ in range(n)]
-            columns_N = {k: [v for v in vals for _ in range(n)] for k, vals in batch.columns.items()}
-            _, s, _ = _score(rewards, tokenizer, prompts_N, out.completion_ids, columns_N)
+            _, s, _ = _score(src, batch, n, sampled)
             ok = (s >= ev.threshold).view(-1, n).sum(-1).tolist()
             pass_k += [pass_at_k(n, c, ev.k) for c in ok]
             pass_1 += [c / n for c in ok]
@@ -165,7 +165,7 @@ def evaluate(path: str | Path, cfg: Config) -> dict[str, Any]:
     if torch.cuda.is_available():
         model.cuda()
     engine = ENGINES.get("hf")(model, tokenizer, cfg)
-    return evaluate_engine(engine, tokenizer, cfg, model_name=str(path))
+    return evaluate_engine(engine, tokenizer, cfg, model_name=str(path), episodes=build_episodes(cfg, tokenizer))
 
 
 def summary_line(result: dict[str, Any]) -> str:

@@ -219,5 +219,13 @@ def console_line(record: dict[str, Any]) -> str:
         f"step {record['step']:>4}  reward {record['reward/mean']:.3f} ± {record['reward/std']:.3f}  "
         f"kl {kl if kl is None else f'{kl:.4f}'}  loss {'-' if loss is None else f'{loss:+.4f}'}  "
         f"len {record['completion/len_mean']:.1f}  "
-        f"{record['time/step_s']:.1f}s (gen {record['time/generate_s']:.1f}s, train {record['time/train_s']:.1f}s)"
+        f"{record['time/step_s']:.1f}s ({_where_time_went(record)})"
     )
+
+
+def _where_time_went(record: dict[str, Any]) -> str:
+    """'gen 1.3s, train 3.7s' (asynchronous: the generation that overlapped, and the trainer's wait for it)."""
+    if "time/async_generate_s" in record:
+        return (f"gen {record['time/async_generate_s']:.1f}s beside, wait {record.get('time/wait_s', 0.0):.1f}s, "
+                f"train {record['time/train_s']:.1f}s")
+    return f"gen {record['time/generate_s']:.1f}s, train {record['time/train_s']:.1f}s"

@@ -54,7 +54,7 @@ def _evaluate(trainer, label: str) -> dict[str, Any]:
     from rlhf.evaluate import evaluate_engine, summary_line
 
     result = evaluate_engine(trainer.engine, trainer.tokenizer, trainer.cfg, model_name=f"policy {label} training",
-                             rewards=trainer.rewards)
+                             rewards=trainer.rewards, episodes=trainer.episodes)
     trainer.log(summary_line(result))
     return result
 

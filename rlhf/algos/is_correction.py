@@ -12,6 +12,11 @@ that multiplies the per-token policy loss:
 - `seq_mask`:       w_t = r_t if prod_t r_t <= C else 0     (MIS, sequence level: the whole sample is dropped)
                     (both: Liu et al. 2025, "When Speed Kills Stability: Demystifying RL Collapse
                     from the Training-Inference Mismatch")
+- `seq_truncate`:   w_t = min(prod_t r_t, C) on every token  (sequence-level TIS; Liu et al. 2025)
+
+With asynchronous rollouts (`train.max_staleness`) pi_sampler is also older than pi_old: the same weights
+correct for the staleness (AReaL's decoupled objective, Fu et al. 2025). Every correction reports
+`is/weight_mean` beside its ratio and the share of tokens it clipped or masked.
 
 `logp_gap` measures the mismatch itself: |log pi_old - log pi_sampler| over completion tokens.
 """
@@ -43,7 +48,7 @@ def none(old_logp_NT: Tensor, sampler_logp_NT: Tensor, mask_NT: Tensor, cap: flo
 def token_truncate(old_logp_NT: Tensor, sampler_logp_NT: Tensor, mask_NT: Tensor, cap: float) -> tuple[Tensor, dict]:
     ratio_NT = torch.exp(log_ratio(old_logp_NT, sampler_logp_NT, mask_NT))
     weight_NT = ratio_NT.clamp(max=cap)
-    return weight_NT, {"is/ratio_mean": masked_mean(ratio_NT, mask_NT),
+    return weight_NT, {"is/ratio_mean": masked_mean(ratio_NT, mask_NT), "is/weight_mean": masked_mean(weight_NT, mask_NT),
                        "is/truncated_frac": masked_mean((ratio_NT > cap).float(), mask_NT)}
 
 
@@ -51,8 +56,9 @@ def token_truncate(old_logp_NT: Tensor, sampler_logp_NT: Tensor, mask_NT: Tensor
 def token_mask(old_logp_NT: Tensor, sampler_logp_NT: Tensor, mask_NT: Tensor, cap: float) -> tuple[Tensor, dict]:
     ratio_NT = torch.exp(log_ratio(old_logp_NT, sampler_logp_NT, mask_NT))
     keep_NT = ratio_NT <= cap
-    return ratio_NT * keep_NT, {"is/ratio_mean": masked_mean(ratio_NT, mask_NT),
-                                "is/masked_frac": masked_mean((~keep_NT).float(), mask_NT)}
+    weight_NT = ratio_NT * keep_NT
+    return weight_NT, {"is/ratio_mean": masked_mean(ratio_NT, mask_NT), "is/weight_mean": masked_mean(weight_NT, mask_NT),
+                       "is/masked_frac": masked_mean((~keep_NT).float(), mask_NT)}
 
 
 @IS_CORRECTIONS.register("seq_mask")
@@ -60,9 +66,20 @@ def seq_mask(old_logp_NT: Tensor, sampler_logp_NT: Tensor, mask_NT: Tensor, cap:
     lr_NT = log_ratio(old_logp_NT, sampler_logp_NT, mask_NT)
     keep_N = lr_NT.sum(-1) <= torch.log(torch.tensor(cap))
     ratio_NT = torch.exp(lr_NT)
-    return ratio_NT * keep_N.unsqueeze(-1), {
-        "is/ratio_mean": masked_mean(ratio_NT, mask_NT),
-        "is/masked_frac": masked_mean((~keep_N).float().unsqueeze(-1).expand_as(mask_NT), mask_NT)}
+    weight_NT = ratio_NT * keep_N.unsqueeze(-1)
+    masked_NT = (~keep_N).float().unsqueeze(-1).expand_as(mask_NT)
+    return weight_NT, {"is/ratio_mean": masked_mean(ratio_NT, mask_NT), "is/weight_mean": masked_mean(weight_NT, mask_NT),
+                       "is/masked_frac": masked_mean(masked_NT, mask_NT)}
+
+
+@IS_CORRECTIONS.register("seq_truncate")
+def seq_truncate(old_logp_NT: Tensor, sampler_logp_NT: Tensor, mask_NT: Tensor, cap: float) -> tuple[Tensor, dict]:
+    lr_N = log_ratio(old_logp_NT, sampler_logp_NT, mask_NT).sum(-1)
+    seq_N = torch.exp(lr_N.clamp(max=20.0))
+    weight_NT = seq_N.clamp(max=cap).unsqueeze(-1).expand_as(mask_NT)
+    truncated_NT = (seq_N > cap).float().unsqueeze(-1).expand_as(mask_NT)
+    return weight_NT, {"is/ratio_mean": masked_mean(seq_N.unsqueeze(-1).expand_as(mask_NT), mask_NT),
+                       "is/weight_mean": masked_mean(weight_NT, mask_NT), "is/truncated_frac": masked_mean(truncated_NT, mask_NT)}
 
 
 def logp_gap(old_logp_NT: Tensor, sampler_logp_NT: Tensor, mask_NT: Tensor) -> tuple[Tensor, Tensor]:

@@ -29,3 +29,25 @@ def arithmetic(split: str = "train", seed: int = 0, max_operand: int = 9, eval_f
         "prompt": [head + [{"role": "user", "content": f"What is {a} + {b}?"}] for a, b in chosen],
         "answer": [a + b for a, b in chosen],
     })
+
+
+ITEMS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach", "pear", "plum", "melon", "kiwi", "lime",
+         "fig", "date", "olive", "onion", "carrot", "potato", "tomato", "pepper", "garlic", "ginger", "radish", "bean",
+         "pea", "corn", "rice", "wheat", "oat", "honey", "sugar", "salt", "milk", "butter", "cheese", "bread", "egg",
+         "tea", "coffee"]
+
+
+@TASKS.register("secret_codes")
+def secret_codes(split: str = "train", seed: int = 0, rows: int = 400, eval_rows: int = 40) -> datasets.Dataset:
+    """"What is the secret code of the <item>?": a 4-digit code drawn per row, known only to a lookup tool
+    (recipes/tool_lookup.py), so the model cannot answer without calling it. Columns: prompt, item, code.
+    The eval split uses other codes (a different seed stream)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"secret_codes: split must be 'train' or 'eval', got '{split}'")
+    rng = random.Random(f"{seed}:{split}")
+    n = rows if split == "train" else eval_rows
+    items = [rng.choice(ITEMS) for _ in range(n)]
+    return datasets.Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": f"What is the secret code of the {item}?"}] for item in items],
+        "item": items, "code": [str(rng.randrange(1000, 10000)) for _ in range(n)],
+    })

@@ -1,11 +1,12 @@
-"""Generation engines behind one protocol; `ENGINES[name](model, tokenizer, cfg, casts)` builds one.
+"""Generation engines behind one protocol; `ENGINES[name](model, tokenizer, cfg)` builds one.
 
-`casts` (rlhf.models.precision.Bf16Casts, or None) is where an engine that casts the policy's weights
-to bf16 at every sync hands those casts to the trainer (the HF engine's decode loop); others ignore it.
+An engine registered with `bf16_casts=True` also takes `casts` (rlhf.models.precision.Bf16Casts): where
+it casts the policy's weights to bf16 at every sync (the HF engine's decode loop), it hands them over there.
 
 Each entry declares in its metadata what it offers and needs: `sampler_logps` (the engine
-returns the sampled tokens' log-probs at no extra cost, so the trainer always asks for them and
-logs the sampler/trainer gap) and `requires` (an optional package).
+returns the sampled tokens' log-probs, of the distribution actually sampled, so the trainer always
+asks for them and logs the sampler/trainer gap, `engine/logp_gap_*`) and `requires` (an optional
+package). The HF engine's decode loop computes them anyway; its `generate` fallback keeps the scores.
 """
 from rlhf.engine.base import GenerationEngine, Rollouts, SamplingParams
 from rlhf.registry import Registry
@@ -13,7 +14,7 @@ from rlhf.registry import Registry
 ENGINES: Registry = Registry("generation engine")
 
 
-@ENGINES.register("hf")
+@ENGINES.register("hf", sampler_logps=True, bf16_casts=True)
 def _hf(model, tokenizer, cfg, casts=None):
     from rlhf.engine.hf import HFEngine
 
@@ -21,7 +22,7 @@ def _hf(model, tokenizer, cfg, casts=None):
 
 
 @ENGINES.register("vllm", sampler_logps=True, requires="vllm")
-def _vllm(model, tokenizer, cfg, casts=None):
+def _vllm(model, tokenizer, cfg):
     from rlhf.engine.vllm import VLLMEngine  # vllm itself is imported only when the engine is built
 
     return VLLMEngine(model, tokenizer, cfg)

@@ -97,16 +97,22 @@ class FusedDecoder:
         p = next(model.parameters())
         return p.dtype == torch.bfloat16 and p.device.type == "cpu"
 
-    def __init__(self, model: torch.nn.Module, source: Optional[torch.nn.Module] = None, casts: Optional[Bf16Casts] = None):
+    def __init__(self, model: torch.nn.Module, source: Optional[torch.nn.Module] = None, casts: Optional[Bf16Casts] = None,
+                 own_embedding: bool = False):
         """Run `model`'s architecture with weights packed from `source` (default: `model` itself); every bf16
-        cast of a source weight is offered to `casts` (the trainer's next forwards reuse it)."""
-        self.model, self.casts = model, casts
+        cast of a source weight is offered to `casts` (the trainer's next forwards reuse it). Token embeddings
+        are looked up in `source`, or with `own_embedding` in `model`'s copy (sampling while `source` trains)."""
+        self.model, self.casts, self.own_embedding = model, casts, own_embedding
         cfg = model.config
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         packed = [m for layer in model.model.layers for m in (*_attention_linears(layer), *_mlp_linears(layer))]
-        packed += [model.get_output_embeddings(), model.get_input_embeddings()]  # the embedding is looked up in the source
+        packed.append(model.get_output_embeddings())
+        if not own_embedding:  # the embedding is looked up in the source
+            packed.append(model.get_input_embeddings())
         ids = {id(t) for m in packed for t in (m.weight, getattr(m, "bias", None)) if t is not None}
+        if own_embedding:  # a tied output layer shares the copy's embedding: it stays
+            ids.discard(id(model.get_input_embeddings().weight))
         self.packed_names = {name for name, t in model.named_parameters() if id(t) in ids}
         self.load(model if source is None else source)
 
@@ -127,7 +133,7 @@ class FusedDecoder:
                  ln1=own.input_layernorm, ln2=own.post_attention_layernorm, act=own.mlp.act_fn, scaling=own.self_attn.scaling)
             for i, own in enumerate(self.model.model.layers)
         ]
-        self.head, self.embed = packed[-1], source.get_input_embeddings()
+        self.head, self.embed = packed[-1], (self.model if self.own_embedding else source).get_input_embeddings()
 
     @torch.no_grad()
     def drop_model_weights(self) -> None:

@@ -68,11 +68,15 @@ class HFEngine:
         self.compute_dtype = cfg.model.compute_dtype
         self.pad_id = tokenizer.pad_token_id
         self.eos = eos_ids(model, tokenizer)
+        # asynchronous rollouts sample while the policy trains: from weights of the engine's own
+        self.private = cfg.train.max_staleness > 0
         fp32_weights = any(p.dtype == torch.float32 for p in model.parameters())
-        self.copy_weights = self.compute_dtype == "bf16" and fp32_weights and not is_peft(model)
-        self.model = inference_copy(model, torch.bfloat16) if self.copy_weights else model
-        # packed from the policy, whose embedding it also reads
-        self.decoder = FusedDecoder(self.model, model, casts) if self.copy_weights and FusedDecoder.supports(self.model) else None
+        self.copy_weights = (self.compute_dtype == "bf16" and fp32_weights or self.private) and not is_peft(model)
+        dtype = torch.bfloat16 if self.compute_dtype == "bf16" else torch.float32
+        self.model = inference_copy(model, dtype) if self.copy_weights else model
+        # packed from the policy, whose embedding it also reads (unless private)
+        use_decoder = self.copy_weights and FusedDecoder.supports(self.model)
+        self.decoder = FusedDecoder(self.model, model, casts, own_embedding=self.private) if use_decoder else None
         if self.decoder is not None:
             self.decoder.drop_model_weights()  # the copy keeps its norms only
         self.seed_per_prompt, self.seed, self.calls = cfg.generation.seed_per_prompt, cfg.train.seed, 0

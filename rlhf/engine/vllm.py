@@ -23,7 +23,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,9 +34,14 @@ from rlhf.engine.base import Rollouts, SamplingParams
 from rlhf.engine.hf import eos_ids
 from rlhf.engine.weights import cast, hf_weights
 from rlhf.models.loading import resolve_model_path
+from rlhf.models.lora import is_peft
 from rlhf.models.precision import DTYPES
 
 GiB = 1 << 30
+
+
+def _lora_rank(model: torch.nn.Module) -> int:
+    return int(getattr(model.peft_config[model.active_adapter], "r", 8))
 
 
 def engine_dtype(cfg) -> torch.dtype:
@@ -113,6 +121,15 @@ class VLLMEngine:
             if self.on_gpu else {"kv_cache_memory_bytes": int(v.kv_cache_gb * GiB)}
         )
         rank, self.world = distributed_rank()
+        # LoRA, adapter sync: vLLM keeps the base weights and loads each version of the adapter by name; the
+        # versions still in flight (train.max_staleness + 1) stay loaded
+        self.adapter_sync = is_peft(model) and v.lora_sync == "adapter"
+        self.keep_versions = cfg.train.max_staleness + 1
+        self.adapters: list[tuple[int, Path]] = []  # (version, directory), oldest first
+        self.lora = None  # the LoRARequest of the version in use (None: the base, as an untrained adapter)
+        self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-vllm-adapters-")) if self.adapter_sync else None
+        lora = ({"enable_lora": True, "max_lora_rank": max(8, _lora_rank(model)), "max_loras": self.keep_versions}
+                if self.adapter_sync else {})
         with _keep_torch_threads():
             self.llm = LLM(
                 model=str(resolve_model_path(cfg.model.path)),
@@ -126,7 +143,7 @@ class VLLMEngine:
                 # one process: vLLM's own one-rank group; several: join accelerate's (RANK, MASTER_ADDR... are set)
                 distributed_executor_backend="external_launcher" if self.world > 1 else "uni",
                 trust_remote_code=cfg.model.trust_remote_code,
-                **memory,
+                **memory, **lora,
             )
         self.asleep = False
 
@@ -147,7 +164,8 @@ class VLLMEngine:
             detokenize=False,
         )
         start = time.perf_counter()
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False,
+                                    lora_request=self.lora)
         completions, finished, logps = [], [], []
         for out in outputs:  # in prompt order; each holds its samples
             samples = out.outputs * n if sampling.greedy else out.outputs
@@ -163,7 +181,11 @@ class VLLMEngine:
 
     @torch.no_grad()
     def update_weights(self, model: torch.nn.Module) -> None:
-        """Stream `model`'s HF-named weights (LoRA merged) into the engine, then drop cached prefixes."""
+        """Stream `model`'s HF-named weights (LoRA merged) into the engine, then drop cached prefixes; or (LoRA,
+        adapter sync) hand vLLM the adapter alone under a new name."""
+        if self.adapter_sync:
+            self._load_adapter(model)
+            return
         weights = cast(hf_weights(model), self.dtype)
 
         def reload(worker) -> None:
@@ -175,6 +197,22 @@ class VLLMEngine:
         if self.asleep:  # weights are in place: bring back the KV cache
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
+
+    def _load_adapter(self, model: torch.nn.Module) -> None:
+        """Save the adapter (a few MB) as version n + 1 and sample with it from now on. vLLM keys its prefix cache
+        and its loaded LoRAs by the request's name and id: a new version never reuses an old version's KV blocks.
+        Versions beyond the last `keep_versions` are removed from vLLM and from disk."""
+        from vllm.lora.request import LoRARequest
+
+        version = (self.adapters[-1][0] + 1) if self.adapters else 1
+        path = self.adapter_root / f"v{version}"
+        model.save_pretrained(path, safe_serialization=True)
+        self.adapters.append((version, path))
+        self.lora = LoRARequest(f"rlhf-policy-v{version}", version, str(path))
+        while len(self.adapters) > self.keep_versions:
+            old, old_path = self.adapters.pop(0)
+            self.llm.llm_engine.remove_lora(old)
+            shutil.rmtree(old_path, ignore_errors=True)
 
     def sleep(self) -> None:
         """GPU with `generation.vllm.sleep`: discard weights and KV cache until the next sync (level 2)."""
@@ -194,6 +232,8 @@ class VLLMEngine:
 
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
+        if self.adapter_root is not None:
+            shutil.rmtree(self.adapter_root, ignore_errors=True)
         destroy_model_parallel()
         if self.world == 1:
             destroy_distributed_environment()

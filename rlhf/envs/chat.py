@@ -15,7 +15,6 @@ the model sampled.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Sequence
 
 from rlhf.envs.tools import Tool
@@ -23,8 +22,17 @@ from rlhf.errors import UserError
 
 FALLBACK = (
     "You can call tools. To call one, reply with only\n<tool_call>{{\"name\": NAME, \"arguments\": {{ARGUMENTS}}}}</tool_call>\n"
-    "The result comes back in the next message. The tools:\n{schemas}"
+    "The result comes back in the next message. The tools:\n{tools}"
 )
+
+
+def signature(schema: dict) -> str:
+    """A tool's schema as one line: `name(arg: type, ...): description. arg: its description.`"""
+    fn = schema["function"]
+    props = fn.get("parameters", {}).get("properties", {})
+    args = ", ".join(f"{k}: {v.get('type', 'any')}" for k, v in props.items())
+    notes = " ".join(f"{k}: {v['description']}" for k, v in props.items() if v.get("description"))
+    return f"- {fn['name']}({args}): {fn.get('description', '')}" + (f" {notes}" if notes else "")
 _SENTINEL = "rlhf0sentinel0assistant0turn"
 
 
@@ -73,7 +81,7 @@ class ChatFormat:
         if reset_text:
             messages[-1] = {**messages[-1], "content": messages[-1]["content"] + reset_text}
         if self.tools and not self.native:
-            text = FALLBACK.format(schemas="\n".join(json.dumps(s["function"]) for s in self.schemas))
+            text = FALLBACK.format(tools="\n".join(signature(s) for s in self.schemas))
             if messages and messages[0]["role"] == "system":
                 messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}
             else:

@@ -16,7 +16,18 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 from rlhf.calls import call
-from rlhf.envs import ChatFormat, EnvError, MalformedCall, Tool, environment_tools, run_tool
+from rlhf.envs import (
+    TOOL_PARSERS,
+    ChatFormat,
+    EnvError,
+    MalformedCall,
+    Tool,
+    describe,
+    environment_tools,
+    load_environment,
+    load_object,
+    run_tool,
+)
 from rlhf.envs.hooks import Generate, HookResult
 from rlhf.rollout.samples import Completions
 
@@ -54,6 +65,39 @@ class Episode:
     stats: dict = field(default_factory=lambda: dict.fromkeys(STATS, 0))
 
 
+def build_episodes(cfg, tokenizer, factory=None, tools=None, rollout_fn=None) -> Optional[EpisodeSpec]:
+    """Multi-turn episodes from `env.*` (or the Python objects that replace them), or None for single-turn
+    sampling. The chat template is checked for prefix preservation before anything trains on it."""
+    e = cfg.env
+    factory = factory if factory is not None else (load_environment(e.factory) if e.factory else None)
+    tools = list(tools) if tools is not None else [load_object(t, "tool") for t in e.tools]
+    hook = rollout_fn if rollout_fn is not None else (load_object(e.rollout_fn, "rollout hook") if e.rollout_fn else None)
+    if factory is None and not tools and hook is None:
+        return None
+    parser = TOOL_PARSERS.get(e.tool_parser) if ":" not in e.tool_parser else load_object(e.tool_parser, "tool parser")
+    tools = [describe(t) for t in tools]
+    probe = environment_tools(factory()) if factory is not None else []  # one instance shows the methods' schemas
+    chat = ChatFormat(tokenizer, tools + probe, e.tool_format, e.result_role)
+    if hook is None:
+        chat.check_prefix_preserving()
+    return EpisodeSpec(chat, e, factory, tools, parser, hook, cfg.data.train)
+
+
+def episode_rewards(spec: Optional[EpisodeSpec]) -> list[tuple[Callable, float]]:
+    """The reward sources episodes bring, beside `reward.functions`: an environment's get_reward (named after its
+    class) or a rollout hook's reward (named after the hook), each of weight 1, as TRL does."""
+    owner = None if spec is None else (spec.hook or (spec.factory if callable(getattr(spec.factory, "get_reward", None)) else None))
+    if owner is None:
+        return []
+
+    def reward(env_reward, **kwargs):
+        return env_reward
+
+    reward.__name__ = owner.__name__
+    return [(reward, 1.0)]
+
+
+
 def _env_call(ep: Episode, spec: EpisodeSpec, method: str, kwargs: dict) -> Any:
     try:
         return call(getattr(ep.env, method), kwargs, spec.cfg.tool_timeout_s)
@@ -72,9 +116,20 @@ def _start(spec: EpisodeSpec, prompt: Any, row: int, columns: dict) -> Episode:
     return ep
 
 
+def cut_at_stop(tokens: list[int], tokenizer, stops: list[str]) -> Optional[int]:
+    """The length of the shortest prefix of `tokens` whose text holds one of `stops`, or None."""
+    if not stops or not any(s in tokenizer.decode(tokens) for s in stops):
+        return None
+    return next(k for k in range(1, len(tokens) + 1) if any(s in tokenizer.decode(tokens[:k]) for s in stops))
+
+
 def _take_turn(ep: Episode, spec: EpisodeSpec, tokens: list[int], logps: Optional[list[float]], finished: bool,
                tokenizer, last_turn: bool) -> None:
-    """Append one sampled turn, then answer its tool calls (or end the episode)."""
+    """Append one sampled turn (cut after a stop string: the model's tokens up to it, exactly as sampled), then answer
+    its tool calls (or end the episode)."""
+    cut = cut_at_stop(tokens, tokenizer, spec.cfg.stop) if ep.tools else None
+    if cut is not None:
+        tokens, logps, finished = tokens[:cut], (logps[:cut] if logps is not None else None), True
     ep.ids += tokens
     ep.mask += [1] * len(tokens)
     ep.logps += logps if logps is not None else [0.0] * len(tokens)

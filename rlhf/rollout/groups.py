@@ -10,7 +10,7 @@ the same on all processes, but only processes still short of groups generate.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -54,9 +54,34 @@ def generate_batch(src: RolloutSource, batch, G: int, sampling: SamplingParams) 
                        rollouts.sampler_logps)
 
 
-def sample_round(src: RolloutSource, cfg, rt: Runtime, timer: PhaseTimer) -> tuple[Samples, dict, dict]:
-    """One batch of this process's prompts, G completions each, scored (+ overlong penalty);
-    (samples, reward stats, episode counters)."""
+@dataclass
+class Batch:
+    """One step's scored samples and what is logged about them."""
+
+    samples: Samples
+    reward_stats: dict  # the reward functions' counters on this process (sums)
+    env_stats: dict  # episode counters on this process (sums; reduced by `episode_metrics`)
+    metrics: dict  # global already (dynamic sampling)
+    version: int = 0  # the policy version that generated it (the number of optimizer syncs before it)
+
+
+def batch_to_json(batch: Batch) -> dict:
+    """A batch as JSON-able data (an asynchronous run's checkpoint keeps the batches generated but not trained)."""
+    samples = {f.name: getattr(batch.samples, f.name) for f in fields(Samples)}
+    samples["scores_N"] = batch.samples.scores_N.tolist()
+    return {"samples": samples, "reward_stats": batch.reward_stats, "env_stats": batch.env_stats, "metrics": batch.metrics,
+            "version": batch.version}
+
+
+def batch_from_json(data: dict) -> Batch:
+    samples = dict(data["samples"])
+    samples["scores_N"] = torch.tensor(samples["scores_N"], dtype=torch.float32)
+    return Batch(Samples(**samples), data["reward_stats"], data["env_stats"], data["metrics"], data["version"])
+
+
+def sample_round(src: RolloutSource, cfg, rt: Runtime, timer: PhaseTimer) -> Batch:
+    """One batch of this process's prompts, G completions each, scored (+ overlong penalty). No collective call:
+    it may run in a background thread (rlhf.rollout.producer)."""
     G = cfg.train.samples_per_prompt
     with timer("generate"):
         batch = src.prompts.batch(cfg.train.prompts_per_step, rt.process_index, rt.num_processes)
@@ -73,12 +98,14 @@ def sample_round(src: RolloutSource, cfg, rt: Runtime, timer: PhaseTimer) -> tup
         per_fn["overlong_penalty"] = pen_N.tolist()
     samples = Samples(gen.prompts, gen.prompt_ids, gen.completion_ids, gen.texts, gen.finished, scores_N, per_fn,
                       gen.sampler_logps, gen.action_masks, gen.transcripts)
-    return samples, dict(result.stats), gen.stats
+    return Batch(samples, dict(result.stats), gen.stats, {})
 
 
 def episode_metrics(stats: dict, rt: Runtime) -> dict:
-    """Over every process: turns and tool calls per episode, errors, timeouts and malformed calls (totals), the
+    """Over every process (collective; nothing without episodes): turns and tool calls per episode, errors, timeouts and malformed calls (totals), the
     share of environment tokens and of episodes a budget ended."""
+    if not stats:
+        return {}
     tot = {k: rt.reduce_sum(v) for k, v in stats.items()}
     n = max(1.0, tot["episodes"])
     return {"env/turns_mean": tot["turns"] / n, "env/tool_calls_mean": tot["tool_calls"] / n,
@@ -89,13 +116,14 @@ def episode_metrics(stats: dict, rt: Runtime) -> dict:
             "env/model_tokens_mean": tot["model_tokens"] / n}
 
 
-def rollout(src: RolloutSource, cfg, rt: Runtime, timer: PhaseTimer) -> tuple[Samples, dict, dict]:
-    """(samples, reward stats, dynamic-sampling metrics) with exactly this process's share of groups."""
+def rollout(src: RolloutSource, cfg, rt: Runtime, timer: PhaseTimer) -> Batch:
+    """This process's share of groups for one step, scored, with DAPO's rounds (collective) when enabled."""
     G = cfg.train.samples_per_prompt
-    samples, reward_stats, env_stats = sample_round(src, cfg, rt, timer)
+    first = sample_round(src, cfg, rt, timer)
+    samples, reward_stats, env_stats = first.samples, first.reward_stats, first.env_stats
     ds = cfg.algo.dynamic_sampling
     if not ds.enabled:
-        return samples, reward_stats, episode_metrics(env_stats, rt) if env_stats else {}
+        return first
     need = cfg.train.prompts_per_step // rt.num_processes
     kept, dropped, generated = [], [], [samples.scores_N]
 
@@ -112,12 +140,12 @@ def rollout(src: RolloutSource, cfg, rt: Runtime, timer: PhaseTimer) -> tuple[Sa
             break
         rounds += 1
         if short > 0:
-            more, stats, more_env = sample_round(src, cfg, rt, timer)
-            split(more)
-            generated.append(more.scores_N)
-            for k, v in stats.items():
+            more = sample_round(src, cfg, rt, timer)
+            split(more.samples)
+            generated.append(more.samples.scores_N)
+            for k, v in more.reward_stats.items():
                 reward_stats[k] = reward_stats.get(k, 0.0) + v
-            for k, v in more_env.items():
+            for k, v in more.env_stats.items():
                 env_stats[k] = env_stats.get(k, 0.0) + v
         else:  # this process is full; draw the round's prompts anyway so every process stays in step
             src.prompts.batch(cfg.train.prompts_per_step, rt.process_index, rt.num_processes)
@@ -134,4 +162,4 @@ def rollout(src: RolloutSource, cfg, rt: Runtime, timer: PhaseTimer) -> tuple[Sa
         "dynamic_sampling/generated_reward_mean":
             rt.reduce_sum(all_N[finite_N].sum()) / max(1.0, rt.reduce_sum(finite_N.sum())),
     }
-    return out, reward_stats, {**metrics, **(episode_metrics(env_stats, rt) if env_stats else {})}
+    return Batch(out, reward_stats, env_stats, metrics)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -40,8 +39,18 @@ from rlhf.models.loading import load_policy, load_reference, load_tokenizer, wit
 from rlhf.models.precision import Bf16Casts
 from rlhf.redact import redact
 from rlhf.rewards import RewardModule
-from rlhf.envs import TOOL_PARSERS, ChatFormat, describe, environment_tools, load_environment, load_object
-from rlhf.rollout import EpisodeSpec, RolloutSource, Samples, rollout
+from rlhf.rollout import (
+    Batch,
+    RolloutSource,
+    batch_from_json,
+    batch_to_json,
+    build_episodes,
+    episode_metrics,
+    episode_rewards,
+    rollout,
+    sample_round,
+)
+from rlhf.rollout.producer import Producer
 from rlhf.runtime import Runtime
 from rlhf.trackers import Trackers, make_accelerator
 from rlhf.trainers import checkpoint as ckpt
@@ -58,16 +67,6 @@ from rlhf.trainers.rewards import advantages, token_rewards
 from rlhf.trainers.update import Losses, update
 
 
-@dataclass
-class BatchInfo:
-    """What a step logs about its batch besides the experience: the samples (texts, per-function rewards),
-    the reward functions' counters, and the batch's own metrics (KL in the reward, DAPO rounds)."""
-
-    samples: Samples
-    reward_stats: dict
-    metrics: dict
-
-
 def build_losses(cfg: Config) -> Losses:
     """The registered pieces of the loss picked by `cfg.algo` (beta is set per step: it may adapt)."""
     a = cfg.algo
@@ -75,33 +74,6 @@ def build_losses(cfg: Config) -> Losses:
                   kl=algos.KL_ESTIMATORS.get(a.kl.estimator), is_correction=algos.IS_CORRECTIONS.get(a.is_correction),
                   algo=a, extra=algos.UPDATES.get(a.update)(a).extra, value_clip=cfg.critic.value_clip,
                   max_new_tokens=cfg.generation.max_new_tokens)
-
-
-def build_episodes(cfg: Config, tokenizer, factory=None, tools=None, rollout_fn=None) -> Optional[EpisodeSpec]:
-    """Multi-turn episodes from `env.*` (or the Python objects that replace them), or None for single-turn
-    sampling. The chat template is checked for prefix preservation before anything trains on it."""
-    e = cfg.env
-    factory = factory if factory is not None else (load_environment(e.factory) if e.factory else None)
-    tools = list(tools) if tools is not None else [load_object(t, "tool") for t in e.tools]
-    hook = rollout_fn if rollout_fn is not None else (load_object(e.rollout_fn, "rollout hook") if e.rollout_fn else None)
-    if factory is None and not tools and hook is None:
-        return None
-    parser = TOOL_PARSERS.get(e.tool_parser) if ":" not in e.tool_parser else load_object(e.tool_parser, "tool parser")
-    tools = [describe(t) for t in tools]
-    probe = environment_tools(factory()) if factory is not None else []  # one instance shows the methods' schemas
-    chat = ChatFormat(tokenizer, tools + probe, e.tool_format, e.result_role)
-    if hook is None:
-        chat.check_prefix_preserving()
-    return EpisodeSpec(chat, e, factory, tools, parser, hook, cfg.data.train)
-
-
-def episode_reward(name: str) -> Callable:
-    """The reward source of an environment's get_reward (or a rollout hook's reward): weight 1, named `name`."""
-    def reward(env_reward, **kwargs):
-        return env_reward
-
-    reward.__name__ = name
-    return reward
 
 
 def build_prompts(cfg: Config, tokenizer, dataset=None) -> PromptSource:
@@ -135,7 +107,7 @@ class Trainer:
                                   "pass model as a path")
         self.cfg = cfg
         self.acc = accelerator or make_accelerator(cfg)  # an accelerator passed in brings its own trackers
-        self.rt = rt = Runtime(self.acc, cfg.train.micro_batch_size)
+        self.rt = Runtime(self.acc, cfg.train.micro_batch_size)
         self.layout = dist.layout(self.acc)  # single, ddp, zero2, zero3 or fsdp2
         check_config(cfg, self.acc.num_processes)  # values, algorithm names and combinations, the engine
         dist.check_layout(cfg, self.acc, self.layout)
@@ -150,11 +122,7 @@ class Trainer:
         # Cheap, error-prone inputs first: rewards and data fail before the model loads.
         self.tokenizer = with_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
         self.episodes = build_episodes(cfg, self.tokenizer, environment_factory, tools, rollout_fn)
-        specs = list(cfg.reward.functions if reward_funcs is None else reward_funcs)
-        if self.episodes is not None and callable(getattr(self.episodes.factory, "get_reward", None)):
-            specs.append((episode_reward(self.episodes.factory.__name__), 1.0))
-        if self.episodes is not None and self.episodes.hook is not None:
-            specs.append((episode_reward(self.episodes.hook.__name__), 1.0))
+        specs = list(cfg.reward.functions if reward_funcs is None else reward_funcs) + episode_rewards(self.episodes)
         self.rewards = RewardModule(specs, cfg.reward.on_error, cfg.reward.timeout_s)
         self.prompts = build_prompts(cfg, self.tokenizer, train_dataset)
         if self.prompts.stats["prompts/too_long"]:
@@ -178,8 +146,11 @@ class Trainer:
         self.policy = Trainable(self.model, optimizer, scheduler, NonFiniteGradients(self.state, cfg.train.max_skipped_steps),
                                 cfg.train.max_grad_norm)
         # speed.engine_bf16_casts: the engine hands its bf16 casts of the policy's weights to the training forwards
-        casts = Bf16Casts(dist.inner_optimizer(optimizer)) if cfg.speed.engine_bf16_casts and self.layout in ("single", "ddp") else None
-        self.engine = ENGINES.get(cfg.generation.engine)(self.whole_model, self.tokenizer, cfg, casts)
+        name = cfg.generation.engine
+        use_casts = cfg.speed.engine_bf16_casts and self.layout in ("single", "ddp") and ENGINES.meta(name).get("bf16_casts")
+        casts = Bf16Casts(dist.inner_optimizer(optimizer)) if use_casts else None
+        extra = {"casts": casts} if casts is not None else {}
+        self.engine = ENGINES.get(name)(self.whole_model, self.tokenizer, cfg, **extra)
         if casts is not None and casts.offered:  # the engine casts at every sync (the HF engine's decode loop)
             casts.install(self.unwrapped)
         # sampler log-probs: needed by an IS correction, and free from engines that declare them (gap metric)
@@ -206,6 +177,8 @@ class Trainer:
         self.metrics = JsonlWriter(self.out / "metrics.jsonl")
         self.completions = JsonlWriter(self.out / "completions.jsonl")
         self._saved_step: Optional[int] = None
+        self.producer: Optional[Producer] = None  # train.max_staleness > 0: the background generation
+        self._resumed_batches: dict[int, Batch] = {}
         self.trackers = Trackers(cfg, self.acc)
 
     @property
@@ -237,20 +210,41 @@ class Trainer:
     def step(self) -> list[dict]:
         """One RL step; returns the metrics records written (one per optimizer step)."""
         timer, t0 = PhaseTimer(), time.perf_counter()
-        exp, info = self.make_experience(timer)
+        exp, batch = self.make_experience(timer)
         with timer("train"):
             updates = self.update(exp)
-        with timer("sync"):
+        with timer("sync"):  # asynchronous: first waits for the batch k ahead (rlhf.rollout.producer)
+            self.publish(self.state["step"] + 1)
+        return self.log_step(exp, batch, updates, timer, t0)
+
+    def next_batch(self, timer: PhaseTimer) -> Batch:
+        """This step's scored samples: generated now, or (train.max_staleness > 0) taken from the producer."""
+        k = self.cfg.train.max_staleness
+        if k and self.producer is None:  # generation runs ahead from here on, in a background thread
+            self.producer = Producer(self._produce, k, self.state["step"] + 1, self.cfg.train.steps, self.cfg.train.seed,
+                                     self._resumed_batches, self.prompts.state)
+        if self.producer is None:
+            batch = rollout(self.source, self.cfg, self.rt, timer)  # generate + score (+ DAPO rounds)
+            self.engine.sleep()  # frees the GPU for training where the engine supports it
+            batch.version = self.state["step"]
+            return batch
+        with timer("wait"):
+            return self.producer.take(self.state["step"] + 1)
+
+    def publish(self, version: int) -> None:
+        """Make the engine sample from policy `version` (the policy now): at once, or when the producer is idle."""
+        if self.producer is None:
             self.engine.wake()
             self.sync_weights()
-        return self.log_step(exp, info, updates, timer, t0)
+        else:
+            self.producer.publish(version, self.sync_weights)
 
-    def make_experience(self, timer: PhaseTimer) -> tuple[Experience, "BatchInfo"]:
-        """Generate and score a batch, then everything the update reads: log-probs, values, rewards, advantages."""
+    def make_experience(self, timer: PhaseTimer) -> tuple[Experience, Batch]:
+        """A scored batch, then everything the update reads: log-probs, values, rewards, advantages."""
         cfg, rt, kl = self.cfg, self.rt, self.cfg.algo.kl
-        samples, reward_stats, round_metrics = rollout(self.source, cfg, rt, timer)  # generate + score (+ DAPO rounds)
-        self.engine.sleep()  # frees the GPU for training where the engine supports it
-        exp = Experience.from_samples(samples, cfg.algo.mask_truncated)
+        batch = self.next_batch(timer)
+        batch.metrics.update(episode_metrics(batch.env_stats, rt))
+        exp = Experience.from_samples(batch.samples, cfg.algo.mask_truncated)
         with timer("logprob"):
             if self.old_logp == "forward":  # else taken from the update's first pass, or pi_old = pi
                 exp.old_logp_NT = batch_logprobs(self.unwrapped, exp, self.fwd, rt)
@@ -261,8 +255,9 @@ class Trainer:
                 exp.values_NT = batch_values(self.acc.unwrap_model(self.critic.model), exp, self.fwd, rt)
         exp.rewards_NT, kl_in_reward = token_rewards(exp, self.losses.kl, self.kl_coef, kl.placement == "in_reward", rt)
         exp.adv_NT, exp.ret_NT = advantages(exp, self.adv_fn, cfg.algo, cfg.train.samples_per_prompt, rt)
-        extra = {"kl_in_reward": kl_in_reward} if kl_in_reward is not None else {}
-        return exp, BatchInfo(samples, reward_stats, {**extra, **round_metrics})
+        if kl_in_reward is not None:
+            batch.metrics["kl_in_reward"] = kl_in_reward
+        return exp, batch
 
     def update(self, exp: Experience) -> list[dict]:
         """The policy's and the critic's optimizer steps on `exp`: the one update loop, or a natural-gradient step
@@ -282,14 +277,14 @@ class Trainer:
             records = [{**step, **r} for r in records] or [step]
         return [{"policy_frozen": 1.0, **r} for r in records] if frozen else records
 
-    def log_step(self, exp: Experience, info: "BatchInfo", updates: list[dict], timer: PhaseTimer, t0: float) -> list[dict]:
+    def log_step(self, exp: Experience, info: Batch, updates: list[dict], timer: PhaseTimer, t0: float) -> list[dict]:
         """Count the step, assemble its records, write them (metrics.jsonl, trackers, completions); return them."""
         cfg, rt = self.cfg, self.rt
         self.state["opt_step"] += len(updates)
         self.state["step"] += 1
         batch = batch_metrics(exp, info.samples, info.reward_stats, cfg.train.samples_per_prompt, rt)
         batch.update({"world_size": rt.num_processes, "skipped_steps": self.state["skipped_steps"], **self.prompts.stats})
-        batch.update(info.metrics)
+        batch.update({**info.metrics, "staleness": float(self.state["step"] - 1 - info.version)})
         if cfg.algo.kl.coef > 0:  # beta used this step; an adaptive controller then moves it by the sequence KL
             batch["kl_coef"] = self.kl_coef
             if cfg.algo.kl.target is not None:
@@ -341,6 +336,9 @@ class Trainer:
                              "(continue with checkpoint.resume=latest)")
                     return history
         finally:
+            if self.producer is not None:
+                self.producer.close()
+                self.producer = None
             progress.close()
             preemption.restore()
             self.trackers.finish()
@@ -350,15 +348,28 @@ class Trainer:
             self.save_final()
         return history
 
+    def _produce(self, s: int) -> Batch:
+        """Batch s in the producer's thread (no collective call), generated with policy version s - 1 - k."""
+        timer = PhaseTimer()
+        batch = sample_round(self.source, self.cfg, self.rt, timer)
+        batch.version = max(0, s - 1 - self.cfg.train.max_staleness)
+        batch.metrics.update({f"time/async_{k}_s": v for k, v in timer.seconds.items()})
+        return batch
+
     def save_checkpoint(self) -> None:
         root = self.out / "checkpoints"
         step = self.state["step"]
         ckpt.write_rank_files(root, step, self.acc.process_index)
+        data = self.prompts.state()
+        if self.producer is not None:  # the batches generated and not trained yet, per process; the prompts after them
+            ready, data = self.producer.pending()
+            path = ckpt.staging_dir(root, step) / f"async_rank{self.acc.process_index}.json"
+            path.write_text(json.dumps({str(k): batch_to_json(b) for k, b in ready.items()}))
         if dist.shards_optimizer(self.layout):
             dist.save_sharded(self.model, self.policy.optimizer, ckpt.staging_dir(root, step) / dist.SHARDED_DIR, self.layout)
         self.acc.wait_for_everyone()
         if self.is_main:
-            state = {**self.state, "data": self.prompts.state(), "layout": self.layout, "world_size": self.acc.num_processes}
+            state = {**self.state, "data": data, "layout": self.layout, "world_size": self.acc.num_processes}
             ckpt.commit(root, step, self.stateful, state, self.cfg.checkpoint.keep_last)
         self.acc.wait_for_everyone()
         self._saved_step = step
@@ -380,6 +391,9 @@ class Trainer:
             dist.load_sharded(self.model, self.policy.optimizer, path / dist.SHARDED_DIR, self.layout)
         self.prompts.load_state(state.pop("data"))
         self.state.update(state)
+        pending = path / f"async_rank{self.acc.process_index}.json"
+        if self.cfg.train.max_staleness and pending.is_file():  # generated before the checkpoint, not trained yet
+            self._resumed_batches = {int(k): batch_from_json(b) for k, b in json.loads(pending.read_text()).items()}
         self._saved_step = self.state["step"]
         self.sync_weights()
         if self.is_main:  # forget steps logged after the checkpoint, so none is logged twice

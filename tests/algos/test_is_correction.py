@@ -54,3 +54,12 @@ def test_logp_gap_sums_and_maxes_masked_tokens():
     expected = [0.0, math.log(3), math.log(2), math.log(1.5), math.log(1.2)]
     assert float(total) == pytest.approx(sum(expected), rel=1e-6)
     assert float(biggest) == pytest.approx(math.log(3), rel=1e-6)
+
+
+def test_seq_truncate_weights_every_token_by_the_capped_sequence_ratio():
+    w, stats = weights("seq_truncate")
+    # row 0: 1 * 3 * 0.5 = 1.5 (under the cap of 2), row 1: 1.5 * 1.2 = 1.8
+    assert torch.allclose(w, torch.tensor([[1.5, 1.5, 1.5], [1.8, 1.8, 0.0]]))
+    w, stats = weights("seq_truncate", cap=1.6)
+    assert torch.allclose(w, torch.tensor([[1.5, 1.5, 1.5], [1.6, 1.6, 0.0]]))
+    assert stats["is/truncated_frac"] == pytest.approx(2 / 5) and stats["is/weight_mean"] == pytest.approx(7.7 / 5)

@@ -6,6 +6,7 @@ from rm_helpers import CHAT_PROMPT, separable_rows
 
 from reward_models.scorer import RewardModelScorer, ScorerOptions, load_scorer, parse_spec
 from rlhf.config import ConfigError, RewardSpec
+from rlhf.errors import RewardError
 from rlhf.rewards import RewardModule, load_reward_fn
 
 
@@ -69,7 +70,7 @@ def test_spec_errors_are_clear(trained_rm, tmp_path):
         parse_spec(f"{run_dir}?batchsize=4")
     with pytest.raises(ConfigError, match=r"dtype: invalid value 'fp16'"):
         parse_spec(f"{run_dir}?dtype=fp16")
-    with pytest.raises(FileNotFoundError, match=r"reward model '.*nowhere': not a saved model directory"):
+    with pytest.raises(RewardError, match=r"reward model '.*nowhere': not a saved model directory"):
         load_reward_fn(f"reward_model:{tmp_path}/nowhere")
     with pytest.raises(ConfigError, match="give a model directory"):
         load_reward_fn("reward_model:")

@@ -42,7 +42,7 @@ class Lookup:
 
     def reset(self, prompt, code, **kwargs):
         self.code, self.answered = code, None
-        return f" (item codes are secret)"
+        return " (item codes are secret)"
 
     def lookup(self, item: str) -> str:
         """Look up an item's code.
@@ -92,11 +92,13 @@ def test_a_tool_call_gets_its_result_as_environment_tokens_then_the_answer(tok):
     transcript = out.transcripts[0]
     assert [m["role"] for m in transcript] == ["assistant", "tool", "assistant"] and transcript[1]["content"] == "4711"
     assert transcript[2]["content"] == "The code is 4711." and out.finished == [True] * 4
-    # token-in token-out: prompt + the episode's tokens read exactly as the template renders the conversation
-    first = tok(CALL, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # token-in token-out: prompt + the episode's tokens read exactly as the template renders the conversation.
+    # The turn stops right after the call (env.stop): the EOS the model sampled after it is dropped, and the
+    # template's end of turn comes with the environment's tokens.
+    first = tok(CALL, add_special_tokens=False)["input_ids"]
     assert ep_ids[: len(first)] == first and mask[: len(first)] == [1] * len(first)
     env_part = [t for t, m in zip(ep_ids, mask) if m == 0]
-    assert tok.decode(env_part) == "\n<|im_start|>tool\n4711<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(env_part) == "<|im_end|>\n<|im_start|>tool\n4711<|im_end|>\n<|im_start|>assistant\n"
     assert all(lp == 0.0 for lp, m in zip(logps, mask) if m == 0) and all(lp == -0.25 for lp, m in zip(logps, mask) if m)
     chat = spec(tok).chat
     msgs = chat.prompt_messages(batch().prompts[0], " (item codes are secret)") + transcript

@@ -5,11 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from rlhf.envs import ToolCall
 from rlhf.logging import PhaseTimer
 from rlhf.trainers import Trainer
 from rlhf.trainers.rewards import advantages
 from rlhf.trainers.update import normalizer, policy_loss
+from tests.conftest import requires_vllm
 
 ENV = '''
 from rlhf.envs import ToolCall
@@ -181,10 +181,43 @@ def test_trls_documented_environment_and_a_trl_style_tool_run_unchanged(tiny_cfg
     chat = trainer.episodes.chat
     messages = chat.prompt_messages(info.samples.prompts[0], "Initial observation for the model")
     assert exp.prompt_ids[0] == chat.prompt_ids(messages)  # reset's text is in the prompt the model saw
-    assert '"name": "my_tool"' in messages[0]["content"] and '"name": "get_weather"' in messages[0]["content"]
+    assert "my_tool(arg1: string, arg2: integer)" in messages[0]["content"] and "get_weather(city: string)" in messages[0]["content"]
     assert set(info.samples.per_fn) == {"reward_func", "MyEnv"}
     # from a recipe: the same classes by path
     cfg = tiny_cfg("train.steps=1", f"env.factory={path}:MyEnv", f"env.tools=['{path}:get_weather']",
                    f"reward.functions=[{{fn: '{path}:reward_func'}}]")
     (record,) = Trainer(cfg).train()
     assert "reward/MyEnv/mean" in record and "reward/reward_func/mean" in record
+
+
+def test_evaluation_runs_episodes(tiny_cfg, env_file):
+    from rlhf.evaluate import evaluate_engine
+
+    trainer = Trainer(tiny_cfg(*counter(env_file), "data.eval=arithmetic", "eval.max_prompts=4", "eval.k=2"))
+    result = evaluate_engine(trainer.engine, trainer.tokenizer, trainer.cfg, rewards=trainer.rewards,
+                             episodes=trainer.episodes)
+    assert result["num_prompts"] == 4 and "Counter" in result["reward_fns_greedy_mean"]
+    assert all(ex["completion"].startswith("[assistant]") for ex in result["examples"])  # transcripts
+
+
+@pytest.mark.slow
+def test_episodes_under_accelerate_launch_with_two_processes(tiny_model_dir, tmp_path, env_file):
+    from tests.trainers.test_distributed import base_overrides, run_layout
+
+    overrides = [*base_overrides(tiny_model_dir, tmp_path, "grpo"), *counter(env_file), "train.steps=2"]
+    res = run_layout("cpu_2proc.yaml", overrides, tmp_path, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert res["world_size"] == 2 and [r["world_size"] for r in res["metrics"]] == [2, 2]
+    assert all(r["env/turns_mean"] >= 1 for r in res["metrics"]) and any(r["env/env_token_frac"] > 0 for r in res["metrics"])
+
+
+@pytest.mark.slow
+@requires_vllm
+def test_episodes_with_the_vllm_engine(tiny_cfg, tiny_vllm_model_dir, env_file):
+    trainer = Trainer(tiny_cfg(f"model.path={tiny_vllm_model_dir}", "generation.engine=vllm",
+                               "generation.vllm.kv_cache_gb=0.25", *counter(env_file), "train.steps=2"))
+    exp, info = trainer.make_experience(PhaseTimer())
+    env_NT = (exp.mask_NT - exp.actions_NT).bool()
+    assert env_NT.any() and torch.all(exp.sampler_logp_NT[env_NT] == 0)
+    assert torch.all(exp.sampler_logp_NT[exp.actions_NT.bool()] < 0)  # the engine's own log-probs on its tokens
+    records = trainer.train()
+    assert all(r["engine/logp_gap_mean"] < 0.05 and r["env/turns_mean"] >= 1 for r in records)

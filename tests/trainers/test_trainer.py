@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -115,9 +116,14 @@ def test_is_correction_uses_sampler_logps_and_logs_the_gap(tiny_cfg, yes_reward,
         assert r["is/ratio_mean"] == pytest.approx(1.0, abs=1e-3)
 
 
-def test_no_sampler_logps_without_correction_on_the_hf_engine(tiny_cfg, yes_reward):
-    record = Trainer(tiny_cfg(yes_reward, "train.steps=1")).train()[0]
-    assert "engine/logp_gap_mean" not in record  # the HF engine's log-probs are not free: not requested
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_hf_engine_reports_its_sampler_trainer_gap(tiny_cfg, yes_reward, dtype):
+    """Measured every step, without an IS correction; small: fp32 samples from the policy itself (transformers'
+    generate), bf16 from the decode loop's bf16 copy, within the bound the vLLM engine's bf16 sync test uses."""
+    records = Trainer(tiny_cfg(yes_reward, "train.steps=2", f"model.compute_dtype={dtype}")).train()
+    for r in records:
+        assert 0 <= r["engine/logp_gap_mean"] <= r["engine/logp_gap_max"]
+        assert r["engine/logp_gap_mean"] < 1e-4 if dtype == "fp32" else math.exp(r["engine/logp_gap_mean"]) < 1.10
 
 
 def test_the_trainer_shares_the_engine_sync_casts_and_trains_to_the_same_weights(tiny_cfg, yes_reward):
