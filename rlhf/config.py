@@ -200,6 +200,15 @@ class EnvConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: Optional[str] = opt(
+        None, "on-policy distillation: a teacher causal LM (local directory or embedded name) with the policy's tokenizer; "
+        "every token the policy samples is rewarded with coef * (log pi_teacher - log pi), minus the per-token reverse "
+        "KL to the teacher (a dense reward, beside reward.functions)")
+    coef: float = opt(1.0, "weight of the distillation reward")
+
+
+@dataclass
 class SpeedConfig:
     engine_bf16_casts: bool = opt(
         True, "the HF engine's decode loop casts the policy's linear weights to bf16 at every weight sync: reuse those "
@@ -302,6 +311,7 @@ class Config:
     log: LogConfig = opt(LogConfig(), "logging, trackers and the report")
     eval: EvalConfig = opt(EvalConfig(), "evaluation on data.eval (rlhf eval, and before/after training)")
     env: EnvConfig = opt(EnvConfig(), "multi-turn episodes: an environment, tools or a rollout hook (rlhf.envs)")
+    distill: DistillConfig = opt(DistillConfig(), "on-policy distillation from a teacher model")
     speed: SpeedConfig = opt(SpeedConfig(), "named speed tricks, each an explicit opt-in (on by default)")
 
     @property
@@ -394,6 +404,8 @@ class Config:
         ]:
             if not ok:
                 raise ConfigError(f"{key} must be {rule}, got {_get(self, key)}")
+        if self.distill.coef <= 0:
+            raise ConfigError(f"distill.coef must be > 0, got {self.distill.coef}")
         if not self.reward.functions and not self.env.enabled:
             raise ConfigError("reward.functions is empty: give at least one reward function (or an environment whose "
                               "get_reward scores episodes, env.factory)")

@@ -181,7 +181,7 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--out", default=None, help="where the runs and the report go (default runs/sweep_<recipe>)")
     p.add_argument("--parallel", type=int, default=1, help="seeds run at a time (one per device where there are several)")
     p.add_argument("overrides", nargs="*", help="config overrides for every seed (key=value)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # options may come before or after the overrides
     if "=" in a.recipe:  # no YAML, only overrides (as `rlhf train` takes them)
         a.overrides, a.recipe = [a.recipe, *a.overrides], None
     from rlhf.checks import check_config

@@ -7,6 +7,10 @@ k3 = exp(-x) - 1 + x (unbiased, always >= 0). The penalty forms of docs/derivati
 are k1 and k3. The trainer places beta * KL in the loss (`algo.kl.placement=in_loss`, GRPO) or
 subtracts it from the per-token reward (`in_reward`, PPO / REINFORCE++).
 
+In the loss the gradient is what counts: E_pi[grad k2] = grad KL(pi || pi_ref), bounded by |x|, while
+grad k3 = (1 - pi_ref / pi) grad log pi is the gradient of KL(pi_ref || pi), unbounded where pi << pi_ref
+(one such token made the GRPO demo collapse: docs/algorithms.md, KL section). Prefer k2 in the loss.
+
 `kl_to_old` is the estimator MDPO needs, for tokens sampled from the *second* policy.
 """
 from __future__ import annotations

@@ -117,3 +117,16 @@ def cast_linear_weights_(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 p = getattr(mod, name)
                 if p is not None and counts[id(p)] == 1:
                     p.data = p.data.to(dtype)
+
+
+def load_teacher(path: str, tokenizer, compute_dtype: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A frozen teacher for on-policy distillation: any local causal LM whose tokenizer has the policy's vocabulary
+    (a BadModel names the teacher otherwise); linear weights stored in bf16 when computing in bf16."""
+    teacher_tok = load_tokenizer(path, trust_remote_code)
+    if teacher_tok.get_vocab() != tokenizer.get_vocab():
+        raise BadModel(f"distill.teacher '{path}' has another tokenizer than the policy ({len(teacher_tok)} vs "
+                       f"{len(tokenizer)} tokens): the teacher must score the policy's own tokens")
+    teacher = load_causal_lm(path, torch.float32, trust_remote_code).eval().requires_grad_(False)
+    if compute_dtype == "bf16":
+        cast_linear_weights_(teacher, torch.bfloat16)
+    return teacher

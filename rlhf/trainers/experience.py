@@ -23,6 +23,7 @@ class Experience:
     ret_NT: Optional[Tensor] = None
     old_logp_NT: Optional[Tensor] = None  # policy before the update (only when the batch is reused)
     ref_logp_NT: Optional[Tensor] = None  # reference policy (only when the KL coefficient > 0)
+    teacher_logp_NT: Optional[Tensor] = None  # on-policy distillation's teacher
     sampler_logp_NT: Optional[Tensor] = None  # from the generation engine
     values_NT: Optional[Tensor] = None  # critic
 

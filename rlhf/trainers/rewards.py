@@ -43,3 +43,12 @@ def whiten(x_NT: Tensor, mask_NT: Tensor, rt: Runtime, eps: float = 1e-8) -> Ten
     mean = rt.reduce_sum((x * m_NT).sum(), f64) / max(n, 1.0)
     var = rt.reduce_sum((((x - mean) * m_NT) ** 2).sum(), f64) / max(n - 1.0, 1.0)
     return ((x - mean) / (var ** 0.5 + eps) * m_NT).to(x_NT.dtype)
+
+
+def distill_rewards(exp: Experience, coef: float, rt: Runtime) -> tuple[Tensor, float]:
+    """(coef * (log pi_teacher - log pi_old) on the policy's tokens, the mean reverse KL per token over every
+    process): on-policy distillation, the per-token reverse KL to the teacher as a dense reward (Agarwal et al.
+    2024, GKD; Lu et al. 2025, "On-Policy Distillation")."""
+    gap_NT = (exp.old_logp_NT - exp.teacher_logp_NT) * exp.actions_NT
+    mean = rt.reduce_sum(gap_NT.sum()) / max(1.0, rt.reduce_sum(exp.actions_NT.sum()))
+    return -coef * gap_NT, mean

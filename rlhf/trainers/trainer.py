@@ -35,7 +35,7 @@ from rlhf.config import Config, ConfigError, to_dict
 from rlhf.data import PromptSource, load_prompt_dataset
 from rlhf.engine import ENGINES
 from rlhf.logging import JsonlWriter, PhaseTimer, Progress, quiet_repeated_warnings, warn_about_step
-from rlhf.models.loading import load_policy, load_reference, load_tokenizer, with_pad_token
+from rlhf.models.loading import load_policy, load_reference, load_teacher, load_tokenizer, with_pad_token
 from rlhf.models.precision import Bf16Casts
 from rlhf.redact import redact
 from rlhf.rewards import RewardModule
@@ -63,7 +63,7 @@ from rlhf.trainers.host import set_malloc_mmap_threshold
 from rlhf.trainers.metrics import batch_metrics, completion_rows, critic_metrics, sequence_kl, step_records
 from rlhf.trainers.natural import PolicyBatch
 from rlhf.trainers.optim import Trainable, build_optimizer, build_scheduler
-from rlhf.trainers.rewards import advantages, token_rewards
+from rlhf.trainers.rewards import advantages, distill_rewards, token_rewards
 from rlhf.trainers.update import Losses, update
 
 
@@ -136,6 +136,9 @@ class Trainer:
             self.full = dist.full_copy(policy).to(self.acc.device) if self.layout in dist.SHARDED else None
         if self.ref is not None:
             self.ref.to(self.acc.device)
+        d = cfg.distill
+        self.teacher = None if not d.teacher else load_teacher(d.teacher, self.tokenizer, cfg.model.compute_dtype,
+                                                             cfg.model.trust_remote_code).to(self.acc.device)
         optimizer = build_optimizer(policy, cfg.train)
         self.total_opt_steps = cfg.train.steps * cfg.train.updates_per_batch * cfg.train.mini_batches_per_pass
         if self.layout in ("zero2", "zero3"):
@@ -250,10 +253,15 @@ class Trainer:
                 exp.old_logp_NT = batch_logprobs(self.unwrapped, exp, self.fwd, rt)
             if kl.coef > 0:  # LoRA: the reference is the policy with its adapter off
                 exp.ref_logp_NT = batch_logprobs(self.ref or self.unwrapped, exp, self.fwd, rt, adapter_off=self.ref is None)
+            if self.teacher is not None:
+                exp.teacher_logp_NT = batch_logprobs(self.teacher, exp, self.fwd, rt)
         if self.critic is not None:
             with timer("values"):
                 exp.values_NT = batch_values(self.acc.unwrap_model(self.critic.model), exp, self.fwd, rt)
         exp.rewards_NT, kl_in_reward = token_rewards(exp, self.losses.kl, self.kl_coef, kl.placement == "in_reward", rt)
+        if self.teacher is not None:  # on-policy distillation: a dense reward, the reverse KL to the teacher
+            distill_NT, batch.metrics["distill/reverse_kl"] = distill_rewards(exp, cfg.distill.coef, rt)
+            exp.rewards_NT = exp.rewards_NT + distill_NT
         exp.adv_NT, exp.ret_NT = advantages(exp, self.adv_fn, cfg.algo, cfg.train.samples_per_prompt, rt)
         if kl_in_reward is not None:
             batch.metrics["kl_in_reward"] = kl_in_reward

@@ -337,3 +337,37 @@ def test_trpo_and_dynamic_sampling_keep_ranks_in_sync_on_two_processes(tiny_mode
     # ('flat') prompt, drops it in every round, and after the 3 extra rounds fills with a dropped group
     assert first["dynamic_sampling/extra_rounds"] == 3 and first["dynamic_sampling/dropped_groups"] == 4
     assert first["dynamic_sampling/filled_groups"] == 1 and first["frac_zero_std"] == 0.5
+
+
+# ---------------------------------------------------------------------------- on-policy distillation
+
+
+def test_distillation_pulls_the_student_towards_the_teacher(tiny_cfg, rewards, tmp_path):
+    from tests.conftest import build_tiny_model
+
+    teacher = build_tiny_model(tmp_path / "teacher", seed=7)
+    trainer = Trainer(tiny_cfg(rewards("zero"), f"distill.teacher={teacher}", "algo.advantage=reinforce", "algo.gamma=0",
+                               "algo.kl.coef=0", "train.steps=10", "train.lr=3e-3"))
+    assert trainer.old_logp == "forward"  # the reward reads log pi_old before the update
+    exp, info = trainer.make_experience(PhaseTimer())
+    gap_NT = (exp.old_logp_NT - exp.teacher_logp_NT) * exp.mask_NT
+    assert torch.allclose(exp.rewards_NT, -gap_NT, atol=1e-6)  # the task reward (weight 1, always 0) adds nothing
+    records = trainer.train()
+    kl = [r["distill/reverse_kl"] for r in records]
+    assert kl[-1] < 0.7 * kl[0], kl
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(tiny_cfg, rewards, tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from rlhf.errors import BadModel
+
+    other = tmp_path / "other"
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")),
+                                  unk_token="<unk>", eos_token="a")
+    LlamaForCausalLM(LlamaConfig(vocab_size=2, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(other)
+    tok.save_pretrained(other)
+    with pytest.raises(BadModel, match="another tokenizer"):
+        Trainer(tiny_cfg(rewards("zero"), f"distill.teacher={other}"))
