@@ -38,6 +38,7 @@ demo: setup
 	$(PY) recipes/grpo_arithmetic.py output_dir=$(DEMO_DIR)
 
 test: setup
+	$(PY) -m ruff check .
 	$(VENV)/bin/rlhf model prepare
 	$(PY) -m pytest -q
 

@@ -11,7 +11,8 @@ class CodeBook:
 
     def reset(self, item: str, code: str, **row) -> str:
         self.item, self.code, self.calls = item, str(code), 0
-        return (f' Look it up: reply with <tool_call>{{"name": "lookup", "arguments": {{"item": "{item}"}}}}</tool_call>'
+        return (f' Look it up: reply with <tool_call>'
+                f'{{"name": "lookup", "arguments": {{"item": "{item}"}}}}</tool_call>'
                 " and then answer with the code.")
 
     def lookup(self, item: str) -> str:

@@ -105,7 +105,8 @@ def run_rlhf(steps: int, warmup: int, out_dir: str, extra: list[str]) -> dict:
               for k in records[0] if k.startswith("time/") and k != "time/step_s"}
     tokens = statistics.mean(r["tokens/total"] for r in records) if "tokens/total" in records[0] else None
     overlap = {k: statistics.mean(r.get(f"time/{k}_s", 0.0) for r in records) for k in ("async_generate", "wait")}
-    return {"step_s": step_s, "async_generate_s": overlap["async_generate"], "wait_s": overlap["wait"], "samples_per_s": s["prompts_per_step"] * s["samples_per_prompt"] / step_s,
+    return {"step_s": step_s, "async_generate_s": overlap["async_generate"], "wait_s": overlap["wait"],
+            "samples_per_s": s["prompts_per_step"] * s["samples_per_prompt"] / step_s,
             "step_times_s": [r["time/step_s"] for r in records], "phases_s": phases,
             **peak_memory(), "params": params, "tokens_per_step": tokens,
             "reward_mean": statistics.mean(r["reward/mean"] for r in records), "threads": torch.get_num_threads()}

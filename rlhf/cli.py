@@ -1,4 +1,5 @@
-"""Command line: `rlhf train CONFIG [key=value ...]`, `rlhf reward train RECIPE`, `rlhf eval`, `rlhf report`, `rlhf export`, `rlhf model prepare`."""
+"""Command line: `rlhf train CONFIG [key=value ...]`, `rlhf reward train RECIPE`, `rlhf eval`, `rlhf report`,
+`rlhf export`, `rlhf model prepare`."""
 from __future__ import annotations
 
 import argparse
@@ -125,12 +126,16 @@ def eval_main(argv: list[str]) -> dict:
 
 def export_main(argv: list[str]) -> None:
     """`rlhf export RUN_DIR [--merge] [--checkpoint C] [--output DIR] [--dtype D]`: a standalone model directory."""
-    p = argparse.ArgumentParser(prog="rlhf export", description="write a run's model as a directory transformers, peft or vLLM load")
+    p = argparse.ArgumentParser(prog="rlhf export",
+                                description="write a run's model as a directory transformers, peft or vLLM load")
     p.add_argument("run_dir", help="a run directory (a training run's output_dir)")
-    p.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the base weights (a plain model dir)")
-    p.add_argument("--checkpoint", default=None, help="export a checkpoint instead of final/: 'latest', 'step_N', N or a path")
+    p.add_argument("--merge", action="store_true",
+                   help="merge a LoRA adapter into the base weights (a plain model dir)")
+    p.add_argument("--checkpoint", default=None,
+                   help="export a checkpoint instead of final/: 'latest', 'step_N', N or a path")
     p.add_argument("--output", default=None, help="target directory (default: RUN_DIR/export/{merged,adapter,model})")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="cast the weights (default: as saved)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="cast the weights (default: as saved)")
     args = p.parse_args(argv)
     from rlhf.logging import quiet_library_progress
     from rlhf.trainers.export import export_run

@@ -33,7 +33,8 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = opt("smollm2-135m-instruct", "local transformers model directory, or 'smollm2-135m-instruct' (embedded)")
+    path: str = opt("smollm2-135m-instruct", "local transformers model directory, "
+                                             "or 'smollm2-135m-instruct' (embedded)")
     compute_dtype: Literal["bf16", "fp32"] = opt(
         "bf16", "dtype of forward/backward compute (autocast); weights and optimizer state stay fp32"
     )
@@ -44,12 +45,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = opt("arithmetic", "built-in task name (see rlhf.data.TASKS) or a jsonl/csv/parquet file or saved dataset dir")
+    train: str = opt("arithmetic", "built-in task name (see rlhf.data.TASKS) or a jsonl/csv/parquet file "
+                                   "or saved dataset dir")
     eval: Optional[str] = opt(None, "eval prompts, same forms as `train` (a task name gives its eval split)")
     task_args: dict[str, Any] = opt({}, "keyword arguments for a built-in task generator")
     prompt_column: str = opt("prompt", "column holding the prompt (string, or a list of chat messages)")
     max_prompt_tokens: int = opt(512, "prompts longer than this are handled by `on_long_prompt`")
-    on_long_prompt: Literal["error", "filter", "truncate"] = opt("error", "what to do with a prompt over max_prompt_tokens")
+    on_long_prompt: Literal["error", "filter", "truncate"] = opt("error",
+                                                                 "what to do with a prompt over max_prompt_tokens")
     shuffle: bool = opt(True, "reshuffle prompts every epoch (seeded)")
 
 
@@ -57,12 +60,15 @@ class DataConfig:
 class VLLMConfig:
     dtype: Literal["auto", "bf16", "fp32"] = opt("auto", "vLLM weight/compute dtype (auto: model.compute_dtype)")
     kv_cache_gb: float = opt(1.0, "CPU: KV cache size in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE)")
-    gpu_memory_utilization: float = opt(0.3, "GPU: fraction of GPU memory vLLM takes (weights + KV cache); training uses the rest")
+    gpu_memory_utilization: float = opt(0.3, "GPU: fraction of GPU memory vLLM takes (weights + KV cache); "
+                                             "training uses the rest")
     sleep: bool = opt(True, "GPU: free vLLM's weights and KV cache between generation and the next weight sync")
-    enforce_eager: bool = opt(True, "run eagerly (on CPU, compiled mode took ~70 s to start and was no faster; on GPU false enables CUDA graphs)")
+    enforce_eager: bool = opt(True, "run eagerly (on CPU, compiled mode took ~70 s to start and was no faster; "
+                                    "on GPU false enables CUDA graphs)")
     lora_sync: Literal["adapter", "merged"] = opt(
-        "adapter", "with model.lora.enabled: vLLM loads the trained adapter itself, under a new adapter name per policy "
-        "version (adapter), or the adapter is merged into every weight and the whole model reloaded (merged)")
+        "adapter", "with model.lora.enabled: vLLM loads the trained adapter itself, under a new adapter name "
+        "per policy version (adapter), or the adapter is merged into every weight and the whole model reloaded "
+        "(merged)")
 
 
 @dataclass
@@ -73,8 +79,9 @@ class GenerationConfig:
     top_p: float = opt(1.0, "nucleus sampling mass")
     top_k: int = opt(0, "top-k sampling (0: off)")
     seed_per_prompt: bool = opt(
-        False, "hf engine: sample each prompt's group with its own seed (train.seed, the prompt's tokens, the call count), "
-        "so completions do not depend on the number of processes or the batch (one generate call per prompt: slower)")
+        False, "hf engine: sample each prompt's group with its own seed (train.seed, the prompt's tokens, "
+        "the call count), so completions do not depend on the number of processes or the batch (one generate call "
+        "per prompt: slower)")
     vllm: VLLMConfig = opt(VLLMConfig(), "settings of the vllm engine")
 
 
@@ -82,11 +89,13 @@ class GenerationConfig:
 class KLConfig:
     coef: float = opt(0.04, "beta, the KL-to-reference coefficient (0: no reference model is loaded)")
     estimator: str = opt("k3", "KL estimator: k1, k2 or k3 (Schulman's approximations)")
-    placement: Literal["in_loss", "in_reward"] = opt("in_loss", "add beta*KL to the loss (GRPO) or subtract it from the per-token reward (PPO)")
+    placement: Literal["in_loss", "in_reward"] = opt("in_loss", "add beta*KL to the loss (GRPO) or subtract it "
+                                                                "from the per-token reward (PPO)")
     target: Optional[float] = opt(
-        None, "adaptive KL controller (Ziegler et al. 2019): the target KL per completion (nats, summed over its tokens, "
-        "averaged over samples); beta starts at `coef` and moves towards it every step (None: fixed beta)")
-    horizon: int = opt(10000, "adaptive KL controller horizon in samples: beta *= 1 + clip(KL/target - 1, +-0.2) * samples_per_step / horizon")
+        None, "adaptive KL controller (Ziegler et al. 2019): the target KL per completion (nats, summed over "
+        "its tokens, averaged over samples); beta starts at `coef` and moves towards it every step (None: fixed beta)")
+    horizon: int = opt(10000, "adaptive KL controller horizon in samples: "
+                              "beta *= 1 + clip(KL/target - 1, +-0.2) * samples_per_step / horizon")
 
 
 @dataclass
@@ -95,9 +104,11 @@ class NaturalConfig:
     cg_iters: int = opt(10, "conjugate-gradient iterations solving F x = g (npg, trpo)")
     damping: float = opt(0.1, "added to the Fisher diagonal, F + damping I, for a stable CG solve (npg, trpo)")
     fisher_samples: int = opt(0, "sequences per process in the Fisher-vector products (0: all); fewer is faster "
-                                 "(Schulman et al. 2015 used 10% of the batch); their double-backprop graph is kept for CG")
+                                 "(Schulman et al. 2015 used 10% of the batch); their double-backprop graph "
+                                 "is kept for CG")
     backtrack_coef: float = opt(0.5, "trpo line search: factor the step shrinks by after each rejected try")
-    max_backtracks: int = opt(10, "trpo line search: shrinkings tried after the full step before keeping the old policy")
+    max_backtracks: int = opt(10, "trpo line search: shrinkings tried after the full step "
+                                  "before keeping the old policy")
 
 
 @dataclass
@@ -138,8 +149,10 @@ class AlgoConfig:
         "none, token_truncate, token_mask, seq_mask or seq_truncate"
     )
     is_cap: float = opt(2.0, "cap C on the ratio pi_old/pi_sampler for is_correction (> 1)")
-    whiten_advantages: bool = opt(False, "normalise the advantages to mean 0, std 1 over the batch's loss tokens (all processes; PPO)")
-    mask_truncated: bool = opt(False, "exclude completions cut at generation.max_new_tokens (no EOS) from the loss (DAPO)")
+    whiten_advantages: bool = opt(False, "normalise the advantages to mean 0, std 1 over the batch's loss tokens "
+                                         "(all processes; PPO)")
+    mask_truncated: bool = opt(False, "exclude completions cut at generation.max_new_tokens (no EOS) "
+                                      "from the loss (DAPO)")
     kl: KLConfig = opt(KLConfig(), "KL penalty to the reference policy")
     natural: NaturalConfig = opt(NaturalConfig(), "natural-gradient updates (algo.update=npg or trpo)")
     mdpo: MDPOConfig = opt(MDPOConfig(), "mirror-descent updates (algo.update=mdpo)")
@@ -157,7 +170,8 @@ class TrainConfig:
     updates_per_batch: int = opt(1, "passes (epochs) over each batch (mu); >1 keeps old log-probs for the ratio")
     mini_batches_per_pass: int = opt(
         1, "optimizer steps per pass: each pass splits the batch into this many mini-batches (contiguous whole groups "
-        "where possible), one optimizer step each; a step makes updates_per_batch x mini_batches_per_pass optimizer steps")
+        "where possible), one optimizer step each; a step makes updates_per_batch x mini_batches_per_pass "
+        "optimizer steps")
     lr: float = opt(1e-5, "peak learning rate")
     lr_schedule: Literal["constant", "linear", "cosine"] = opt("constant", "decay after warmup")
     warmup_steps: int = opt(0, "linear warmup, in optimizer steps")
@@ -176,23 +190,28 @@ class TrainConfig:
 
 @dataclass
 class EnvConfig:
-    factory: Optional[str] = opt(None, "an environment class, 'module.path:Class' or 'file.py:Class': one instance per episode, "
-                                 "reset(**row), public methods as tools, optional get_reward() (TRL's contract)")
-    tools: list[str] = opt([], "plain tool functions, 'module.path:function' or 'file.py:function' (type hints + docstring)")
-    rollout_fn: Optional[str] = opt(None, "a rollout hook 'module:function' that drives the engine for one episode itself "
-                                    "(rlhf.envs.hooks); instead of factory/tools")
+    factory: Optional[str] = opt(None, "an environment class, 'module.path:Class' or 'file.py:Class': "
+                                 "one instance per episode, reset(**row), public methods as tools, "
+                                 "optional get_reward() (TRL's contract)")
+    tools: list[str] = opt([], "plain tool functions, 'module.path:function' or 'file.py:function' "
+                               "(type hints + docstring)")
+    rollout_fn: Optional[str] = opt(None, "a rollout hook 'module:function' that drives the engine "
+                                    "for one episode itself (rlhf.envs.hooks); instead of factory/tools")
     max_turns: int = opt(4, "model turns per episode at most (each up to generation.max_new_tokens tokens)")
-    max_tokens: int = opt(256, "tokens per episode after the prompt (the model's and the environment's); a tool result that "
-                               "would overflow it is dropped and the episode ends")
-    tool_timeout_s: float = opt(10.0, "per tool call (and reset / get_reward); a call that hangs is answered with an error")
-    tool_parser: str = opt("hermes", "how tool calls are read from the model's output: a name in rlhf.envs.TOOL_PARSERS "
-                                     "(hermes: <tool_call>{json}</tool_call>) or 'module:function'")
+    max_tokens: int = opt(256, "tokens per episode after the prompt (the model's and the environment's); "
+                               "a tool result that would overflow it is dropped and the episode ends")
+    tool_timeout_s: float = opt(10.0, "per tool call (and reset / get_reward); "
+                                      "a call that hangs is answered with an error")
+    tool_parser: str = opt("hermes", "how tool calls are read from the model's output: "
+                                     "a name in rlhf.envs.TOOL_PARSERS (hermes: <tool_call>{json}</tool_call>) "
+                                     "or 'module:function'")
     tool_format: Literal["auto", "template", "fallback"] = opt(
         "auto", "where the tool schemas go: the chat template's tools= rendering (template), a system message of ours "
         "(fallback, for templates without tool support such as SmolLM2's), or auto: template when it renders tools")
     result_role: Literal["tool", "user"] = opt("tool", "the role of a tool's result message")
     stop: list[str] = opt(["</tool_call>"], "a model turn ends right after the first of these strings (what it sampled "
-                                            "after it is dropped, as a stop sequence does; the template then closes the turn)")
+                                            "after it is dropped, as a stop sequence does; "
+                                            "the template then closes the turn)")
 
     @property
     def enabled(self) -> bool:
@@ -202,9 +221,10 @@ class EnvConfig:
 @dataclass
 class DistillConfig:
     teacher: Optional[str] = opt(
-        None, "on-policy distillation: a teacher causal LM (local directory or embedded name) with the policy's tokenizer; "
-        "every token the policy samples is rewarded with coef * (log pi_teacher - log pi), minus the per-token reverse "
-        "KL to the teacher (a dense reward, beside reward.functions)")
+        None, "on-policy distillation: a teacher causal LM (local directory or embedded name) "
+        "with the policy's tokenizer; every token the policy samples is rewarded with coef * "
+        "(log pi_teacher - log pi), minus the per-token reverse KL to the teacher (a dense reward, beside "
+        "reward.functions)")
     coef: float = opt(1.0, "weight of the distillation reward")
 
 
@@ -215,8 +235,9 @@ class SpeedConfig:
         "casts in the next training forwards instead of autocast casting every weight again (bf16 compute, full "
         "fine-tuning, one process or DDP; the same numbers to the bit, ~90 ms less per forward for SmolLM2 on a CPU)")
     malloc_mmap_threshold_mb: int = opt(
-        32, "glibc: memory blocks up to this size (MiB, at most 32) stay in malloc's heap and are reused from step to step "
-        "instead of being mapped fresh (page faults) each time; 0: leave the allocator alone"
+        32, "glibc: memory blocks up to this size (MiB, at most 32) stay in malloc's heap "
+        "and are reused from step to step instead of being mapped fresh (page faults) each time; "
+        "0: leave the allocator alone"
     )
 
 
@@ -228,12 +249,17 @@ class CriticConfig:
     type: Literal["auto", "none", "separate", "shared"] = opt(
         "auto", "the value model V(s_t) of actor-critic advantages (td, nstep_td, gae): 'separate' = its own network "
         "(full or LoRA, from critic.path), 'shared' = a value head on the policy's own hidden states (no second model; "
-        "the head trains, the backbone moves with the policy loss only), 'none'; 'auto' = separate when algo.advantage needs values")
-    path: Optional[str] = opt(None, "critic.type=separate: the network it starts from (local causal-LM dir or embedded name); default model.path")
-    lora: LoraConfig = opt(CRITIC_LORA, "critic.type=separate: LoRA adapter of the critic (enabled=false: full weights)")
-    lr: float = opt(5e-5, "critic learning rate (its own AdamW; train.lr_schedule, warmup_steps, weight_decay, max_grad_norm apply)")
+        "the head trains, the backbone moves with the policy loss only), 'none'; "
+        "'auto' = separate when algo.advantage needs values")
+    path: Optional[str] = opt(None, "critic.type=separate: the network it starts from "
+                                    "(local causal-LM dir or embedded name); default model.path")
+    lora: LoraConfig = opt(CRITIC_LORA, "critic.type=separate: LoRA adapter of the critic "
+                                        "(enabled=false: full weights)")
+    lr: float = opt(5e-5, "critic learning rate (its own AdamW; train.lr_schedule, warmup_steps, weight_decay, "
+                          "max_grad_norm apply)")
     value_clip: Optional[float] = opt(
-        0.2, "clip of the value update around the values at sampling time, 0.5 max((V-R)^2, (V_clip-R)^2) (None: plain squared error)")
+        0.2, "clip of the value update around the values at sampling time, 0.5 max((V-R)^2, (V_clip-R)^2) "
+        "(None: plain squared error)")
     warmup_steps: int = opt(0, "first RL steps in which only the critic trains (the policy is frozen)")
 
 
@@ -249,7 +275,8 @@ class RewardConfig:
     functions: list[RewardSpec] = opt([RewardSpec(fn="first_number_matches")], "reward functions and weights")
     on_error: Literal["raise", "skip"] = opt("raise", "a raising function stops the run, or its samples score None")
     timeout_s: Optional[float] = opt(
-        None, "per-call timeout in seconds; a call that hangs is abandoned and handled by reward.on_error (None: no limit)"
+        None, "per-call timeout in seconds; a call that hangs is abandoned and handled by reward.on_error "
+        "(None: no limit)"
     )
 
 
@@ -321,21 +348,24 @@ class Config:
     def validate(self, world_size: int = 1) -> None:
         """Check values and registry names up front; raise ConfigError naming the key."""
         t = self.train
-        for key in ("steps", "prompts_per_step", "samples_per_prompt", "micro_batch_size", "updates_per_batch", "mini_batches_per_pass"):
+        for key in ("steps", "prompts_per_step", "samples_per_prompt", "micro_batch_size", "updates_per_batch",
+                    "mini_batches_per_pass"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
         if t.max_staleness < 0:
             raise ConfigError(f"train.max_staleness must be >= 0, got {t.max_staleness}")
         if t.max_staleness and self.generation.engine == "hf" and self.model.lora.enabled:
-            raise ConfigError("train.max_staleness > 0 samples while the policy trains: the hf engine samples a LoRA policy "
-                              "from the policy itself; use full fine-tuning (model.lora.enabled=false) or generation.engine=vllm")
+            raise ConfigError("train.max_staleness > 0 samples while the policy trains: the hf engine samples "
+                              "a LoRA policy from the policy itself; use full fine-tuning (model.lora.enabled=false) "
+                              "or generation.engine=vllm")
         if t.max_staleness and self.algo.dynamic_sampling.enabled:
-            raise ConfigError("algo.dynamic_sampling.enabled=true generates extra rounds on demand (collective, synchronous); "
-                              "it cannot run with train.max_staleness > 0")
+            raise ConfigError("algo.dynamic_sampling.enabled=true generates extra rounds on demand "
+                              "(collective, synchronous); it cannot run with train.max_staleness > 0")
         if t.max_skipped_steps < 0:
             raise ConfigError(f"train.max_skipped_steps must be >= 0, got {t.max_skipped_steps}")
         if not 0 <= self.speed.malloc_mmap_threshold_mb <= 32:
-            raise ConfigError(f"speed.malloc_mmap_threshold_mb must be in [0, 32] (glibc's limit), got {self.speed.malloc_mmap_threshold_mb}")
+            raise ConfigError(f"speed.malloc_mmap_threshold_mb must be in [0, 32] (glibc's limit), "
+                              f"got {self.speed.malloc_mmap_threshold_mb}")
         if self.checkpoint.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
         if self.reward.timeout_s is not None and self.reward.timeout_s <= 0:
@@ -351,12 +381,13 @@ class Config:
         if per_rank % t.micro_batch_size:
             raise ConfigError(
                 f"train.micro_batch_size={t.micro_batch_size} must divide the samples per process per step "
-                f"({per_rank} = prompts_per_step {t.prompts_per_step} x samples_per_prompt {t.samples_per_prompt} / {world_size} processes)"
+                f"({per_rank} = prompts_per_step {t.prompts_per_step} x samples_per_prompt {t.samples_per_prompt} "
+                f"/ {world_size} processes)"
             )
         if per_rank % (t.mini_batches_per_pass * t.micro_batch_size):
             raise ConfigError(
-                f"train.mini_batches_per_pass={t.mini_batches_per_pass} x train.micro_batch_size={t.micro_batch_size} must divide "
-                f"the samples per process per step ({per_rank}), so every mini-batch is whole micro-batches"
+                f"train.mini_batches_per_pass={t.mini_batches_per_pass} x train.micro_batch_size={t.micro_batch_size} "
+                f"must divide the samples per process per step ({per_rank}), so every mini-batch is whole micro-batches"
             )
         self._validate_critic()
         g = self.generation
@@ -373,7 +404,8 @@ class Config:
         if g.vllm.kv_cache_gb <= 0:
             raise ConfigError(f"generation.vllm.kv_cache_gb must be > 0, got {g.vllm.kv_cache_gb}")
         if not 0 < g.vllm.gpu_memory_utilization < 1:
-            raise ConfigError(f"generation.vllm.gpu_memory_utilization must be in (0, 1), got {g.vllm.gpu_memory_utilization}")
+            raise ConfigError(f"generation.vllm.gpu_memory_utilization must be in (0, 1), "
+                              f"got {g.vllm.gpu_memory_utilization}")
         a = self.algo
         if a.kl.coef < 0:
             raise ConfigError(f"algo.kl.coef must be >= 0, got {a.kl.coef}")
@@ -383,23 +415,27 @@ class Config:
         e = self.env
         if e.enabled:
             if e.rollout_fn and (e.factory or e.tools):
-                raise ConfigError("env.rollout_fn drives whole episodes itself: set it alone, without env.factory or env.tools")
+                raise ConfigError("env.rollout_fn drives whole episodes itself: set it alone, "
+                                  "without env.factory or env.tools")
             for key, ok in (("env.max_turns", e.max_turns >= 1), ("env.max_tokens", e.max_tokens >= 1),
                             ("env.tool_timeout_s", e.tool_timeout_s > 0)):
                 if not ok:
                     raise ConfigError(f"{key} must be > 0, got {_get(self, key)}")
         for key, ok, rule in [
-            ("algo.eps_low", a.eps_low >= 0, ">= 0 (>= 1: no lower clip, as CISPO)"), ("algo.eps_high", a.eps_high >= 0, ">= 0"),
+            ("algo.eps_low", a.eps_low >= 0, ">= 0 (>= 1: no lower clip, as CISPO)"),
+            ("algo.eps_high", a.eps_high >= 0, ">= 0"),
             ("algo.std_eps", a.std_eps >= 0, ">= 0"), ("algo.gamma", 0 <= a.gamma <= 1, "in [0, 1]"),
             ("algo.lam", 0 <= a.lam <= 1, "in [0, 1]"), ("algo.n_step", a.n_step >= 1, ">= 1"),
-            ("algo.natural.max_kl", a.natural.max_kl > 0, "> 0"), ("algo.natural.cg_iters", a.natural.cg_iters >= 1, ">= 1"),
+            ("algo.natural.max_kl", a.natural.max_kl > 0, "> 0"),
+            ("algo.natural.cg_iters", a.natural.cg_iters >= 1, ">= 1"),
             ("algo.natural.damping", a.natural.damping >= 0, ">= 0"),
             ("algo.natural.fisher_samples", a.natural.fisher_samples >= 0, ">= 0"),
             ("algo.natural.backtrack_coef", 0 < a.natural.backtrack_coef < 1, "in (0, 1)"),
             ("algo.natural.max_backtracks", a.natural.max_backtracks >= 0, ">= 0"),
             ("algo.mdpo.eta", a.mdpo.eta > 0, "> 0"),
             ("algo.dynamic_sampling.max_extra_rounds", a.dynamic_sampling.max_extra_rounds >= 0, ">= 0"),
-            ("algo.overlong.buffer", 0 <= a.overlong.buffer <= g.max_new_tokens, f"in [0, generation.max_new_tokens={g.max_new_tokens}]"),
+            ("algo.overlong.buffer", 0 <= a.overlong.buffer <= g.max_new_tokens,
+             f"in [0, generation.max_new_tokens={g.max_new_tokens}]"),
             ("algo.overlong.penalty", a.overlong.penalty >= 0, ">= 0"), ("algo.is_cap", a.is_cap > 1, "> 1"),
         ]:
             if not ok:
@@ -420,11 +456,13 @@ class Config:
         if c.value_clip is not None and c.value_clip <= 0:
             raise ConfigError(f"critic.value_clip must be > 0 (or null for no clipping), got {c.value_clip}")
         if not 0 <= c.warmup_steps < self.train.steps:
-            raise ConfigError(f"critic.warmup_steps must be in [0, train.steps={self.train.steps}), got {c.warmup_steps}")
+            raise ConfigError(f"critic.warmup_steps must be in [0, train.steps={self.train.steps}), "
+                              f"got {c.warmup_steps}")
         if c.path is not None and c.type == "shared":
             raise ConfigError("critic.path is used by critic.type=separate only (a shared head sits on the policy)")
         if kl.target is not None and (kl.target <= 0 or kl.coef == 0):
-            raise ConfigError(f"algo.kl.target must be > 0 and needs algo.kl.coef > 0 to adapt, got target {kl.target}, coef {kl.coef}")
+            raise ConfigError(f"algo.kl.target must be > 0 and needs algo.kl.coef > 0 to adapt, "
+                              f"got target {kl.target}, coef {kl.coef}")
         if kl.horizon < 1:
             raise ConfigError(f"algo.kl.horizon must be >= 1, got {kl.horizon}")
 
@@ -450,8 +488,8 @@ class Config:
         t = self.train
         per_rank = self.samples_per_step // world_size
         return (
-            f"batch: {t.prompts_per_step} prompts x {t.samples_per_prompt} samples = {self.samples_per_step} samples/step "
-            f"| {world_size} process(es) x {per_rank} samples | micro_batch_size {t.micro_batch_size} -> "
+            f"batch: {t.prompts_per_step} prompts x {t.samples_per_prompt} samples = {self.samples_per_step} "
+            f"samples/step | {world_size} process(es) x {per_rank} samples | micro_batch_size {t.micro_batch_size} -> "
             f"{per_rank // t.micro_batch_size // t.mini_batches_per_pass} micro-batches per optimizer step | "
             f"{t.updates_per_batch} pass(es) x {t.mini_batches_per_pass} mini-batch(es) per batch "
             f"| {t.steps} steps = {t.steps * t.updates_per_batch * t.mini_batches_per_pass} optimizer steps"

@@ -46,11 +46,13 @@ def eval_prompts(cfg: Config, tokenizer) -> PromptSource:
     ds = load_prompt_dataset(d.eval, "eval", d.task_args, cfg.train.seed)
     if cfg.eval.max_prompts:
         ds = ds.select(range(min(cfg.eval.max_prompts, len(ds))))
-    return PromptSource(ds, tokenizer, name=d.eval, prompt_column=d.prompt_column, max_prompt_tokens=d.max_prompt_tokens,
-                        on_long_prompt=d.on_long_prompt, shuffle=False, seed=cfg.train.seed)
+    return PromptSource(ds, tokenizer, name=d.eval, prompt_column=d.prompt_column,
+                        max_prompt_tokens=d.max_prompt_tokens, on_long_prompt=d.on_long_prompt, shuffle=False,
+                        seed=cfg.train.seed)
 
 
-def _score(src: RolloutSource, batch, n: int, sampling: SamplingParams) -> tuple[list[str], torch.Tensor, dict[str, list]]:
+def _score(src: RolloutSource, batch, n: int,
+           sampling: SamplingParams) -> tuple[list[str], torch.Tensor, dict[str, list]]:
     """n completions (or episodes) per prompt of `batch`, scored the way the trainer scores them."""
     gen = generate_batch(src, batch, n, sampling)
     columns = {k: [v for v in vals for _ in range(n)] for k, vals in batch.columns.items()}

@@ -41,7 +41,8 @@ def run(cfg: Config, trainer=None) -> list[dict[str, Any]]:
         (out / "eval.json").write_text(json.dumps(results, indent=1))
         b, a = results["before"], results["after"]
         trainer.log(f"eval on {cfg.data.eval}: greedy accuracy "
-                    + (f"{b['greedy_accuracy']:.3f} before -> " if b else "") + f"{a['greedy_accuracy']:.3f} after training"
+                    + (f"{b['greedy_accuracy']:.3f} before -> " if b else "")
+                    + f"{a['greedy_accuracy']:.3f} after training"
                     + f"  ({out / 'eval.json'})")
     if cfg.log.report:
         from rlhf.report import write_report

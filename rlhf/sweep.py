@@ -37,7 +37,8 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def run_seeds(recipe: Optional[str], seeds: list[int], out: Path, overrides: list[str], parallel: int = 1) -> dict[int, dict]:
+def run_seeds(recipe: Optional[str], seeds: list[int], out: Path, overrides: list[str],
+              parallel: int = 1) -> dict[int, dict]:
     """Run every seed (at most `parallel` at a time); {seed: {"dir", "returncode", "seconds", "log"}}."""
     out.mkdir(parents=True, exist_ok=True)
     results: dict[int, dict] = {}
@@ -47,8 +48,8 @@ def run_seeds(recipe: Optional[str], seeds: list[int], out: Path, overrides: lis
         while queue and len(running) < parallel:
             seed = queue.pop(0)
             run_dir, log = out / f"seed_{seed}", out / f"seed_{seed}.log"
-            cmd = [sys.executable, "-m", "rlhf.cli", "train", *([recipe] if recipe else []), *overrides, f"train.seed={seed}",
-                   f"output_dir={run_dir}", "log.progress=false"]
+            cmd = [sys.executable, "-m", "rlhf.cli", "train", *([recipe] if recipe else []), *overrides,
+                   f"train.seed={seed}", f"output_dir={run_dir}", "log.progress=false"]
             with open(log, "w") as f:
                 proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ})
             running.append((seed, proc, time.perf_counter()))
@@ -148,8 +149,8 @@ def render(summary: dict, png: Path) -> str:
         pass_key = next((k for k in after if k.startswith("pass@") and k != "pass@1"), None)
         rows.append([seed, "ok" if e["returncode"] == 0 else f"failed: {e.get('error', '')}", e.get("steps", 0),
                      _num(before.get("greedy_accuracy")), _num(after.get("greedy_accuracy")),
-                     _num(after.get(pass_key)) if pass_key else "-", _num(e.get("reached_at")), _num(e.get("min_after")),
-                     e["seconds"]])
+                     _num(after.get(pass_key)) if pass_key else "-", _num(e.get("reached_at")),
+                     _num(e.get("min_after")), e["seconds"]])
     headers = ["seed", "status", "steps", "greedy before", "greedy after", "pass@k after",
                "5-step mean >= 0.8 at step", "lowest 5-step mean after", "seconds"]
     img = base64.b64encode(png.read_bytes()).decode("ascii") if png.is_file() else ""
@@ -175,11 +176,13 @@ def write_report(recipe: str, out: Path, results: dict[int, dict]) -> dict:
 
 
 def main(argv: list[str]) -> dict:
-    p = argparse.ArgumentParser(prog="rlhf sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="rlhf sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="a recipe YAML (or a recipe script's .yaml)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--out", default=None, help="where the runs and the report go (default runs/sweep_<recipe>)")
-    p.add_argument("--parallel", type=int, default=1, help="seeds run at a time (one per device where there are several)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="seeds run at a time (one per device where there are several)")
     p.add_argument("overrides", nargs="*", help="config overrides for every seed (key=value)")
     a = p.parse_intermixed_args(argv)  # options may come before or after the overrides
     if "=" in a.recipe:  # no YAML, only overrides (as `rlhf train` takes them)

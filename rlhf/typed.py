@@ -103,7 +103,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             raise ConfigError(f"config key '{prefix}{key}' moved to '{MOVED[prefix + key]}'")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(prefix + n for n in names)}"
+            hint = (f"; did you mean '{prefix}{close[0]}'?" if close
+                    else f"; valid keys: {', '.join(prefix + n for n in names)}")
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         kwargs[key] = _coerce(hints[key], value, prefix + key)
     return cls(**kwargs)
@@ -169,5 +170,7 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
         if dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, prefix + f.name + "."))
             continue
-        rows.append((prefix + f.name, _type_name(tp), repr(default if not dataclasses.is_dataclass(default) else to_dict(default)), f.metadata.get("help", "")))
+        rows.append((prefix + f.name, _type_name(tp),
+                     repr(default if not dataclasses.is_dataclass(default) else to_dict(default)),
+                     f.metadata.get("help", "")))
     return rows

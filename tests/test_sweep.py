@@ -11,7 +11,8 @@ def test_aggregation_and_hold_by_hand():
     curves = {0: [{"step": 1, "reward/mean": 0.2}, {"step": 2, "reward/mean": 0.6}],
               1: [{"step": 1, "reward/mean": 0.4}, {"step": 2, "reward/mean": float("nan")}]}
     a = aggregate(curves, "reward/mean")
-    assert a == {"step": [1, 2], "mean": [0.30000000000000004, 0.6], "min": [0.2, 0.6], "max": [0.4, 0.6], "seeds": [2, 1]}
+    assert a == {"step": [1, 2], "mean": [0.30000000000000004, 0.6], "min": [0.2, 0.6], "max": [0.4, 0.6],
+                 "seeds": [2, 1]}
     rec = [{"step": i + 1, "reward/mean": r} for i, r in enumerate([0.9, 0.9, 0.9, 0.9, 0.9, 0.2, 0.2])]
     assert hold(rec, window=5) == {"reached_at": 5, "min_after": 0.62, "held": False}
     assert hold(rec[:5], window=5)["held"] is True

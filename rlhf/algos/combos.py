@@ -25,7 +25,8 @@ def old_logp_source(cfg: Config) -> str:
     """Where the update's log pi_old comes from, decided once per run:
 
     - 'forward': a no-grad pass before the update: the KL in the reward, the adaptive KL controller and the
-      distillation reward read it before any update, and with several mini-batches a pass's later mini-batches come after an optimizer step;
+      distillation reward read it before any update, and with several mini-batches a pass's later mini-batches
+      come after an optimizer step;
     - 'first_pass': recorded by the update's first pass (no optimizer step before it, one forward saved): several
       passes over one mini-batch, or an update rule that reads it (the natural step's line search);
     - 'none': one pass, one step: pi_old = pi (the loss uses log pi detached, a ratio of 1).

@@ -48,7 +48,8 @@ def none(old_logp_NT: Tensor, sampler_logp_NT: Tensor, mask_NT: Tensor, cap: flo
 def token_truncate(old_logp_NT: Tensor, sampler_logp_NT: Tensor, mask_NT: Tensor, cap: float) -> tuple[Tensor, dict]:
     ratio_NT = torch.exp(log_ratio(old_logp_NT, sampler_logp_NT, mask_NT))
     weight_NT = ratio_NT.clamp(max=cap)
-    return weight_NT, {"is/ratio_mean": masked_mean(ratio_NT, mask_NT), "is/weight_mean": masked_mean(weight_NT, mask_NT),
+    return weight_NT, {"is/ratio_mean": masked_mean(ratio_NT, mask_NT),
+                       "is/weight_mean": masked_mean(weight_NT, mask_NT),
                        "is/truncated_frac": masked_mean((ratio_NT > cap).float(), mask_NT)}
 
 
@@ -57,7 +58,8 @@ def token_mask(old_logp_NT: Tensor, sampler_logp_NT: Tensor, mask_NT: Tensor, ca
     ratio_NT = torch.exp(log_ratio(old_logp_NT, sampler_logp_NT, mask_NT))
     keep_NT = ratio_NT <= cap
     weight_NT = ratio_NT * keep_NT
-    return weight_NT, {"is/ratio_mean": masked_mean(ratio_NT, mask_NT), "is/weight_mean": masked_mean(weight_NT, mask_NT),
+    return weight_NT, {"is/ratio_mean": masked_mean(ratio_NT, mask_NT),
+                       "is/weight_mean": masked_mean(weight_NT, mask_NT),
                        "is/masked_frac": masked_mean((~keep_NT).float(), mask_NT)}
 
 
@@ -68,7 +70,8 @@ def seq_mask(old_logp_NT: Tensor, sampler_logp_NT: Tensor, mask_NT: Tensor, cap:
     ratio_NT = torch.exp(lr_NT)
     weight_NT = ratio_NT * keep_N.unsqueeze(-1)
     masked_NT = (~keep_N).float().unsqueeze(-1).expand_as(mask_NT)
-    return weight_NT, {"is/ratio_mean": masked_mean(ratio_NT, mask_NT), "is/weight_mean": masked_mean(weight_NT, mask_NT),
+    return weight_NT, {"is/ratio_mean": masked_mean(ratio_NT, mask_NT),
+                       "is/weight_mean": masked_mean(weight_NT, mask_NT),
                        "is/masked_frac": masked_mean(masked_NT, mask_NT)}
 
 
@@ -79,7 +82,8 @@ def seq_truncate(old_logp_NT: Tensor, sampler_logp_NT: Tensor, mask_NT: Tensor, 
     weight_NT = seq_N.clamp(max=cap).unsqueeze(-1).expand_as(mask_NT)
     truncated_NT = (seq_N > cap).float().unsqueeze(-1).expand_as(mask_NT)
     return weight_NT, {"is/ratio_mean": masked_mean(seq_N.unsqueeze(-1).expand_as(mask_NT), mask_NT),
-                       "is/weight_mean": masked_mean(weight_NT, mask_NT), "is/truncated_frac": masked_mean(truncated_NT, mask_NT)}
+                       "is/weight_mean": masked_mean(weight_NT, mask_NT),
+                       "is/truncated_frac": masked_mean(truncated_NT, mask_NT)}
 
 
 def logp_gap(old_logp_NT: Tensor, sampler_logp_NT: Tensor, mask_NT: Tensor) -> tuple[Tensor, Tensor]:

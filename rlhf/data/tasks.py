@@ -31,10 +31,10 @@ def arithmetic(split: str = "train", seed: int = 0, max_operand: int = 9, eval_f
     })
 
 
-ITEMS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach", "pear", "plum", "melon", "kiwi", "lime",
-         "fig", "date", "olive", "onion", "carrot", "potato", "tomato", "pepper", "garlic", "ginger", "radish", "bean",
-         "pea", "corn", "rice", "wheat", "oat", "honey", "sugar", "salt", "milk", "butter", "cheese", "bread", "egg",
-         "tea", "coffee"]
+ITEMS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach", "pear", "plum", "melon", "kiwi",
+         "lime", "fig", "date", "olive", "onion", "carrot", "potato", "tomato", "pepper", "garlic", "ginger", "radish",
+         "bean", "pea", "corn", "rice", "wheat", "oat", "honey", "sugar", "salt", "milk", "butter", "cheese", "bread",
+         "egg", "tea", "coffee"]
 
 
 @TASKS.register("secret_codes")

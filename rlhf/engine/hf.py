@@ -82,7 +82,8 @@ class HFEngine:
         self.seed_per_prompt, self.seed, self.calls = cfg.generation.seed_per_prompt, cfg.train.seed, 0
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, return_logps: bool = False) -> Rollouts:
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
+                 return_logps: bool = False) -> Rollouts:
         self.calls += 1
         if not self.seed_per_prompt:
             return self._generate(prompt_ids, n, sampling, return_logps)
@@ -95,7 +96,8 @@ class HFEngine:
                 torch.manual_seed(zlib.crc32(key))
                 parts.append(self._generate([ids], n, sampling, return_logps))
         return Rollouts(
-            prompt_ids=[p for r in parts for p in r.prompt_ids], completion_ids=[c for r in parts for c in r.completion_ids],
+            prompt_ids=[p for r in parts for p in r.prompt_ids],
+            completion_ids=[c for r in parts for c in r.completion_ids],
             finished=[f for r in parts for f in r.finished],
             sampler_logps=None if not return_logps else [lp for r in parts for lp in r.sampler_logps],
         )

@@ -67,13 +67,15 @@ def first_difference(a: list[int], b: list[int]) -> int:
 def check_sync(engine: GenerationEngine, model: torch.nn.Module, tokenizer, prompt_ids: list[list[int]],
                max_new_tokens: int = 16, compute_dtype: str = "fp32") -> SyncReport:
     """Compare `engine`'s greedy completions and log-probs on `prompt_ids` with `model`'s."""
-    rollouts = engine.generate(prompt_ids, 1, SamplingParams(max_new_tokens=max_new_tokens, greedy=True), return_logps=True)
+    rollouts = engine.generate(prompt_ids, 1, SamplingParams(max_new_tokens=max_new_tokens, greedy=True),
+                               return_logps=True)
     was_training = model.training
     model.eval()
     try:
         reference = trainer_greedy(model, tokenizer, prompt_ids, max_new_tokens, compute_dtype)
         both = rollouts.completion_ids + reference
-        logp_NT, _ = sample_logprobs(model, prompt_ids + prompt_ids, both, tokenizer.pad_token_id, compute_dtype=compute_dtype, entropy=False,
+        logp_NT, _ = sample_logprobs(model, prompt_ids + prompt_ids, both, tokenizer.pad_token_id,
+                                     compute_dtype=compute_dtype, entropy=False,
                                      device=next(model.parameters()).device, pack_prompts=False)
     finally:
         model.train(was_training)
@@ -86,4 +88,5 @@ def check_sync(engine: GenerationEngine, model: torch.nn.Module, tokenizer, prom
             j = first_difference(ours, theirs)
             both_there = j < len(ours) and j < len(theirs)
             margins[i] = float(logp_NT[B + i, j] - logp_NT[i, j]) if both_there else float("inf")
-    return SyncReport(rollouts.completion_ids, reference, sum(gaps) / max(1, len(gaps)), max(gaps, default=0.0), margins)
+    return SyncReport(rollouts.completion_ids, reference, sum(gaps) / max(1, len(gaps)), max(gaps, default=0.0),
+                      margins)

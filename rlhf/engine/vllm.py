@@ -147,7 +147,8 @@ class VLLMEngine:
             )
         self.asleep = False
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, return_logps: bool = False) -> Rollouts:
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
+                 return_logps: bool = False) -> Rollouts:
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 

@@ -21,7 +21,8 @@ from rlhf.envs.tools import Tool
 from rlhf.errors import UserError
 
 FALLBACK = (
-    "You can call tools. To call one, reply with only\n<tool_call>{{\"name\": NAME, \"arguments\": {{ARGUMENTS}}}}</tool_call>\n"
+    "You can call tools. To call one, reply with only\n"
+    "<tool_call>{{\"name\": NAME, \"arguments\": {{ARGUMENTS}}}}</tool_call>\n"
     "The result comes back in the next message. The tools:\n{tools}"
 )
 
@@ -62,14 +63,16 @@ class ChatFormat:
 
     def __init__(self, tokenizer, tools: Sequence[Tool], tool_format: str = "auto", result_role: str = "tool"):
         self.tokenizer, self.tools, self.result_role = tokenizer, list(tools), result_role
-        self.native = bool(self.tools) and (tool_format == "template" or (tool_format == "auto" and template_renders_tools(tokenizer)))
+        self.native = bool(self.tools) and (tool_format == "template"
+                                            or (tool_format == "auto" and template_renders_tools(tokenizer)))
         self.schemas = [t.schema for t in self.tools]
 
     # ------------------------------------------------------------------ rendering
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         tools = self.schemas if self.native else None
-        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -108,9 +111,10 @@ class ChatFormat:
         closed = self._render(conv, generation_prompt=False)
         grown = self._render(conv + list(new_messages), generation_prompt=True)
         if not grown.startswith(closed):
-            raise TemplateDriftError("the chat template renders an assistant turn differently once messages follow it (it "
-                                     "rewrites earlier turns): an episode's tokens cannot grow by appending, so training "
-                                     "would drift from inference; use a prefix-preserving tokenizer.chat_template")
+            raise TemplateDriftError("the chat template renders an assistant turn differently once messages follow it "
+                                     "(it rewrites earlier turns): an episode's tokens cannot grow by appending, "
+                                     "so training would drift from inference; use a prefix-preserving "
+                                     "tokenizer.chat_template")
         closing = self._ids(closed[closed.index(_SENTINEL) + len(_SENTINEL):])
         if closing and last_token == closing[0]:
             closing = closing[1:]  # the end-of-turn token the model emitted itself
@@ -131,8 +135,9 @@ class ChatFormat:
             messages = messages + [{"role": "assistant", "content": said}]
             closed = self._render(messages, generation_prompt=False)
             if not closed.startswith(prompt_text):
-                raise TemplateDriftError(f"chat template check, turn {k + 1}: the rendered conversation does not start with "
-                                         "the prompt the model was given (the template rewrites the turn it generates into)")
+                raise TemplateDriftError(f"chat template check, turn {k + 1}: the rendered conversation does not "
+                                         "start with the prompt the model was given (the template rewrites the turn "
+                                         "it generates into)")
             sampled = self._ids(closed[len(prompt_text):])  # the assistant's tokens, as a model would sample them
             eos = self.tokenizer.eos_token_id
             cut = next((i for i, t in enumerate(sampled) if t == eos), len(sampled) - 1)
@@ -144,8 +149,9 @@ class ChatFormat:
             if ids != expected:
                 first = next((i for i, (a, b) in enumerate(zip(ids, expected)) if a != b), min(len(ids), len(expected)))
                 raise TemplateDriftError(
-                    f"chat template check, turn {k + 1}: an episode built turn by turn differs from the template's rendering "
-                    f"of the whole conversation at token {first} ({self.tokenizer.decode(ids[first:first + 8])!r} vs "
-                    f"{self.tokenizer.decode(expected[first:first + 8])!r}): the template rewrites earlier turns (stripped "
-                    "reasoning, dropped separators), so training on these tokens would drift from inference; use a "
-                    "prefix-preserving template (tokenizer.chat_template) for multi-turn training")
+                    f"chat template check, turn {k + 1}: an episode built turn by turn differs from the template's "
+                    f"rendering of the whole conversation at token {first} "
+                    f"({self.tokenizer.decode(ids[first:first + 8])!r} vs "
+                    f"{self.tokenizer.decode(expected[first:first + 8])!r}): the template rewrites earlier turns "
+                    "(stripped reasoning, dropped separators), so training on these tokens would drift from inference; "
+                    "use a prefix-preserving template (tokenizer.chat_template) for multi-turn training")

@@ -61,7 +61,8 @@ class HookResult:
             try:
                 out = cls(**out)
             except TypeError as e:
-                raise UserError(f"rollout hook {name}: {e} (return completion_ids, logprobs, loss_mask, reward)") from None
+                raise UserError(f"rollout hook {name}: {e} "
+                                "(return completion_ids, logprobs, loss_mask, reward)") from None
         if not isinstance(out, cls):
             raise UserError(f"rollout hook {name} returned {type(out).__name__}; expected a dict with completion_ids, "
                             "logprobs, loss_mask and reward")

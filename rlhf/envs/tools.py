@@ -36,14 +36,16 @@ def describe(fn: Callable, owner: str = "") -> Tool:
     try:
         schema = get_json_schema(fn)
     except Exception as e:  # noqa: BLE001 - transformers raises several kinds
-        raise ToolDefinitionError(f"tool {where}: {e} (a tool needs type hints and a docstring with an Args section)") from None
+        raise ToolDefinitionError(f"tool {where}: {e} "
+                                  "(a tool needs type hints and a docstring with an Args section)") from None
     return Tool(fn.__name__, fn, schema)
 
 
 def environment_tools(env: Any) -> list[Tool]:
     """The public methods of environment `env` (not `reset` or `get_reward`), as tools, in name order."""
     cls = type(env)
-    names = [n for n, _ in inspect.getmembers(cls, predicate=inspect.isfunction) if not n.startswith("_") and n not in RESERVED]
+    names = [n for n, _ in inspect.getmembers(cls, predicate=inspect.isfunction)
+             if not n.startswith("_") and n not in RESERVED]
     return [describe(getattr(env, n), cls.__name__) for n in names]
 
 

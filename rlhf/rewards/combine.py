@@ -54,7 +54,8 @@ class RewardModule:
     def names(self) -> list[str]:
         return [n for n, _, _ in self.fns]
 
-    def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]], columns: dict[str, list]) -> RewardResult:
+    def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]],
+                 columns: dict[str, list]) -> RewardResult:
         N = len(completions)
         total = torch.zeros(N, dtype=torch.float64)
         scored = torch.zeros(N, dtype=torch.bool)
@@ -85,7 +86,8 @@ class RewardModule:
             raise
         except RewardTimeout as e:  # a hang is not retried per sample: that would cost N timeouts
             if self.on_error == "raise":
-                raise RewardError(f"reward function '{name}' {e} on a batch of {N} samples (reward.timeout_s)") from None
+                raise RewardError(f"reward function '{name}' {e} on a batch of {N} samples "
+                                  "(reward.timeout_s)") from None
             return [None] * N, {"errors": 0, "timeouts": N}
         except (Exception, SystemExit) as e:  # noqa: BLE001 - user code can raise anything
             err = e
@@ -116,7 +118,8 @@ class RewardModule:
         if hasattr(out, "tolist") and not isinstance(out, list):
             out = out.tolist()
         if not isinstance(out, (list, tuple)):
-            raise _BadOutput(f"reward function '{name}' must return a list of {N} floats or None, got {type(out).__name__}")
+            raise _BadOutput(f"reward function '{name}' must return a list of {N} floats or None, "
+                             f"got {type(out).__name__}")
         if len(out) != N:
             raise _BadOutput(f"reward function '{name}' returned {len(out)} values for {N} completions")
         values: list[Optional[float]] = []
@@ -126,7 +129,8 @@ class RewardModule:
             elif isinstance(v, numbers.Real):
                 values.append(float(v) if math.isfinite(v) else None)
             else:
-                raise _BadOutput(f"reward function '{name}' returned {type(v).__name__} {v!r} for sample {i}; expected a float or None")
+                raise _BadOutput(f"reward function '{name}' returned {type(v).__name__} {v!r} for sample {i}; "
+                                 "expected a float or None")
         return values
 
 

@@ -14,6 +14,7 @@ from rlhf.rollout.groups import (
 )
 from rlhf.rollout.samples import Completions, Samples
 
-__all__ = ["Batch", "Completions", "batch_from_json", "batch_to_json", "EpisodeSpec", "RolloutSource", "Samples", "build_episodes", "episode_rewards", "generate_batch",
+__all__ = ["Batch", "Completions", "batch_from_json", "batch_to_json", "EpisodeSpec", "RolloutSource", "Samples",
+           "build_episodes", "episode_rewards", "generate_batch",
            "episode_metrics", "rollout", "run_episodes", "sample_round",
            "sampling_params"]

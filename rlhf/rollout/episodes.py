@@ -71,7 +71,8 @@ def build_episodes(cfg, tokenizer, factory=None, tools=None, rollout_fn=None) ->
     e = cfg.env
     factory = factory if factory is not None else (load_environment(e.factory) if e.factory else None)
     tools = list(tools) if tools is not None else [load_object(t, "tool") for t in e.tools]
-    hook = rollout_fn if rollout_fn is not None else (load_object(e.rollout_fn, "rollout hook") if e.rollout_fn else None)
+    hook = rollout_fn if rollout_fn is not None else (load_object(e.rollout_fn, "rollout hook") if e.rollout_fn
+                                                      else None)
     if factory is None and not tools and hook is None:
         return None
     parser = TOOL_PARSERS.get(e.tool_parser) if ":" not in e.tool_parser else load_object(e.tool_parser, "tool parser")
@@ -86,7 +87,8 @@ def build_episodes(cfg, tokenizer, factory=None, tools=None, rollout_fn=None) ->
 def episode_rewards(spec: Optional[EpisodeSpec]) -> list[tuple[Callable, float]]:
     """The reward sources episodes bring, beside `reward.functions`: an environment's get_reward (named after its
     class) or a rollout hook's reward (named after the hook), each of weight 1, as TRL does."""
-    owner = None if spec is None else (spec.hook or (spec.factory if callable(getattr(spec.factory, "get_reward", None)) else None))
+    owner = None if spec is None else (spec.hook or (spec.factory if callable(getattr(spec.factory, "get_reward", None))
+                                                     else None))
     if owner is None:
         return []
 
@@ -197,19 +199,22 @@ def run_episodes(spec: EpisodeSpec, engine, tokenizer, batch, G: int, sampling, 
             shared = turn == 0 and len(group) == len(eps) and all(
                 eps[i].prompt_ids == eps[i - i % G].prompt_ids for i in range(len(eps)))
             prompts = [e.prompt_ids for e in group[::G]] if shared else [e.prompt_ids + e.ids for e in group]
-            out = engine.generate(prompts, G if shared else 1, replace(sampling, max_new_tokens=budget), return_logps=return_logps)
+            out = engine.generate(prompts, G if shared else 1, replace(sampling, max_new_tokens=budget),
+                                  return_logps=return_logps)
             for i, e in enumerate(group):
                 logps = out.sampler_logps[i] if out.sampler_logps is not None else None
-                _take_turn(e, spec, out.completion_ids[i], logps, out.finished[i], tokenizer, turn == spec.cfg.max_turns - 1)
+                _take_turn(e, spec, out.completion_ids[i], logps, out.finished[i], tokenizer,
+                           turn == spec.cfg.max_turns - 1)
     return _completions(eps, spec, tokenizer, return_logps)
 
 
 def _run_hook(ep: Episode, spec: EpisodeSpec, engine, tokenizer, sampling, return_logps: bool) -> None:
     generate = Generate(engine, sampling, spec.cfg.max_tokens)
-    result = HookResult.of(spec.hook(prompt_ids=ep.prompt_ids, prompt=ep.prompt, generate=generate, tokenizer=tokenizer),
-                           spec.hook)
+    result = HookResult.of(spec.hook(prompt_ids=ep.prompt_ids, prompt=ep.prompt, generate=generate,
+                                     tokenizer=tokenizer), spec.hook)
     ep.ids, ep.mask, ep.logps, ep.reward = result.completion_ids, result.loss_mask, result.logprobs, result.reward
-    ep.messages = result.messages or [{"role": "assistant", "content": tokenizer.decode(ep.ids, skip_special_tokens=True)}]
+    ep.messages = result.messages or [{"role": "assistant",
+                                       "content": tokenizer.decode(ep.ids, skip_special_tokens=True)}]
     ep.finished, ep.done = result.finished, True
     ep.stats.update(turns=generate.calls, model_tokens=sum(ep.mask), env_tokens=len(ep.mask) - sum(ep.mask))
 

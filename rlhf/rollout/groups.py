@@ -49,9 +49,10 @@ def generate_batch(src: RolloutSource, batch, G: int, sampling: SamplingParams) 
     rollouts = src.engine.generate(batch.prompt_ids, G, sampling, return_logps=src.return_logps)
     texts = src.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
     prompts_N = [p for p in batch.prompts for _ in range(G)]
-    completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts_N, texts)]
-    return Completions(prompts_N, rollouts.prompt_ids, rollouts.completion_ids, completions, texts, list(rollouts.finished),
-                       rollouts.sampler_logps)
+    completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
+                   for p, t in zip(prompts_N, texts)]
+    return Completions(prompts_N, rollouts.prompt_ids, rollouts.completion_ids, completions, texts,
+                       list(rollouts.finished), rollouts.sampler_logps)
 
 
 @dataclass
@@ -69,8 +70,8 @@ def batch_to_json(batch: Batch) -> dict:
     """A batch as JSON-able data (an asynchronous run's checkpoint keeps the batches generated but not trained)."""
     samples = {f.name: getattr(batch.samples, f.name) for f in fields(Samples)}
     samples["scores_N"] = batch.samples.scores_N.tolist()
-    return {"samples": samples, "reward_stats": batch.reward_stats, "env_stats": batch.env_stats, "metrics": batch.metrics,
-            "version": batch.version}
+    return {"samples": samples, "reward_stats": batch.reward_stats, "env_stats": batch.env_stats,
+            "metrics": batch.metrics, "version": batch.version}
 
 
 def batch_from_json(data: dict) -> Batch:
@@ -102,8 +103,8 @@ def sample_round(src: RolloutSource, cfg, rt: Runtime, timer: PhaseTimer) -> Bat
 
 
 def episode_metrics(stats: dict, rt: Runtime) -> dict:
-    """Over every process (collective; nothing without episodes): turns and tool calls per episode, errors, timeouts and malformed calls (totals), the
-    share of environment tokens and of episodes a budget ended."""
+    """Over every process (collective; nothing without episodes): turns and tool calls per episode, errors,
+    timeouts and malformed calls (totals), the share of environment tokens and of episodes a budget ended."""
     if not stats:
         return {}
     tot = {k: rt.reduce_sum(v) for k, v in stats.items()}

@@ -68,7 +68,8 @@ class Producer:
         with self.cond:
             self.cond.wait_for(lambda: s in self.done or self.error is not None)
             if self.error is not None and s not in self.done:
-                raise AsyncError(f"generating batch {s} failed: {type(self.error).__name__}: {self.error}") from self.error
+                raise AsyncError(f"generating batch {s} failed: "
+                                 f"{type(self.error).__name__}: {self.error}") from self.error
 
     def take(self, s: int) -> tuple:
         """Batch s (blocks until it is generated)."""

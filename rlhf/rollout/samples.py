@@ -41,7 +41,8 @@ class Completions:
     texts: list[str]  # the completion as text (episodes: the transcript, environment parts marked)
     finished: list[bool]  # False: cut by a budget (generation.max_new_tokens, env.max_tokens / max_turns)
     sampler_logps: Optional[list[list[float]]] = None  # the engine's log-prob of each token it sampled (0 elsewhere)
-    action_masks: Optional[list[list[int]]] = None  # episodes: 1 on the tokens the model sampled, 0 on the environment's
+    # episodes: 1 on the tokens the model sampled, 0 on the environment's
+    action_masks: Optional[list[list[int]]] = None
     transcripts: Optional[list[list[dict]]] = None  # episodes: the messages after the prompt
     columns: dict[str, list] = field(default_factory=dict)  # extra keyword lists for reward functions (environments)
     stats: dict[str, float] = field(default_factory=dict)  # episode counters on this process (sums)

@@ -120,7 +120,8 @@ class Trainer:
         self.log(f"{cfg.derived_summary(self.acc.num_processes)} | layout {self.layout}")
 
         # Cheap, error-prone inputs first: rewards and data fail before the model loads.
-        self.tokenizer = with_pad_token(tokenizer) if tokenizer is not None else load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+        self.tokenizer = (with_pad_token(tokenizer) if tokenizer is not None
+                          else load_tokenizer(cfg.model.path, cfg.model.trust_remote_code))
         self.episodes = build_episodes(cfg, self.tokenizer, environment_factory, tools, rollout_fn)
         specs = list(cfg.reward.functions if reward_funcs is None else reward_funcs) + episode_rewards(self.episodes)
         self.rewards = RewardModule(specs, cfg.reward.on_error, cfg.reward.timeout_s)
@@ -146,11 +147,12 @@ class Trainer:
         self.model, optimizer = self.acc.prepare(policy, optimizer)
         # on the optimizer that steps (DeepSpeed wraps it, or swaps in its CPU Adam when offloading)
         scheduler = build_scheduler(dist.inner_optimizer(optimizer), cfg.train, self.total_opt_steps)
-        self.policy = Trainable(self.model, optimizer, scheduler, NonFiniteGradients(self.state, cfg.train.max_skipped_steps),
-                                cfg.train.max_grad_norm)
+        self.policy = Trainable(self.model, optimizer, scheduler,
+                                NonFiniteGradients(self.state, cfg.train.max_skipped_steps), cfg.train.max_grad_norm)
         # speed.engine_bf16_casts: the engine hands its bf16 casts of the policy's weights to the training forwards
         name = cfg.generation.engine
-        use_casts = cfg.speed.engine_bf16_casts and self.layout in ("single", "ddp") and ENGINES.meta(name).get("bf16_casts")
+        use_casts = (cfg.speed.engine_bf16_casts and self.layout in ("single", "ddp")
+                     and ENGINES.meta(name).get("bf16_casts"))
         casts = Bf16Casts(dist.inner_optimizer(optimizer)) if use_casts else None
         extra = {"casts": casts} if casts is not None else {}
         self.engine = ENGINES.get(name)(self.whole_model, self.tokenizer, cfg, **extra)
@@ -165,14 +167,16 @@ class Trainer:
         self.natural = algos.UPDATES.get(cfg.algo.update)(cfg.algo).natural  # npg / trpo: the natural-gradient branch
         self.old_logp = old_logp_source(cfg)  # 'forward', 'first_pass' or 'none': decided once
         # Everything a checkpoint saves and a resume restores: the policy, and the critic and an adaptive KL controller.
-        # zero2/zero3/fsdp2: the optimizer is saved per process (distributed.save_sharded); "policy" holds whole weights.
+        # zero2/zero3/fsdp2: the optimizer is saved per process (distributed.save_sharded); "policy" holds whole
+        # weights.
         self.stateful = {"policy": self.whole_model, "optimizer": optimizer, "scheduler": scheduler}
         if dist.shards_optimizer(self.layout):
             del self.stateful["optimizer"]
-        self.critic = build_critic(cfg, kind, self.unwrapped, self.acc, self.total_opt_steps, self.state) if kind != "none" else None
+        self.critic = (build_critic(cfg, kind, self.unwrapped, self.acc, self.total_opt_steps, self.state)
+                       if kind != "none" else None)
         if self.critic is not None:
-            self.stateful.update(critic=self.acc.unwrap_model(self.critic.model), critic_optimizer=self.critic.optimizer,
-                                 critic_scheduler=self.critic.scheduler)
+            self.stateful.update(critic=self.acc.unwrap_model(self.critic.model),
+                                 critic_optimizer=self.critic.optimizer, critic_scheduler=self.critic.scheduler)
         k = cfg.algo.kl
         self.kl_ctl = KLController(k.coef, k.target, k.horizon)
         if k.target is not None:  # an adaptive beta is state; a fixed one is config
@@ -224,8 +228,8 @@ class Trainer:
         """This step's scored samples: generated now, or (train.max_staleness > 0) taken from the producer."""
         k = self.cfg.train.max_staleness
         if k and self.producer is None:  # generation runs ahead from here on, in a background thread
-            self.producer = Producer(self._produce, k, self.state["step"] + 1, self.cfg.train.steps, self.cfg.train.seed,
-                                     self._resumed_batches, self.prompts.state)
+            self.producer = Producer(self._produce, k, self.state["step"] + 1, self.cfg.train.steps,
+                                     self.cfg.train.seed, self._resumed_batches, self.prompts.state)
         if self.producer is None:
             batch = rollout(self.source, self.cfg, self.rt, timer)  # generate + score (+ DAPO rounds)
             self.engine.sleep()  # frees the GPU for training where the engine supports it
@@ -252,7 +256,8 @@ class Trainer:
             if self.old_logp == "forward":  # else taken from the update's first pass, or pi_old = pi
                 exp.old_logp_NT = batch_logprobs(self.unwrapped, exp, self.fwd, rt)
             if kl.coef > 0:  # LoRA: the reference is the policy with its adapter off
-                exp.ref_logp_NT = batch_logprobs(self.ref or self.unwrapped, exp, self.fwd, rt, adapter_off=self.ref is None)
+                exp.ref_logp_NT = batch_logprobs(self.ref or self.unwrapped, exp, self.fwd, rt,
+                                                 adapter_off=self.ref is None)
             if self.teacher is not None:
                 exp.teacher_logp_NT = batch_logprobs(self.teacher, exp, self.fwd, rt)
         if self.critic is not None:
@@ -279,8 +284,8 @@ class Trainer:
             records = update(exp, first_order, self.critic, L, self.fwd, cfg.train, rt,
                              capture_old=self.old_logp == "first_pass" and first_order is not None)
         if self.natural is not None and not frozen:
-            problem = PolicyBatch(self.unwrapped, exp, L, self.fwd, rt, self.policy.guard, cfg.algo.natural.fisher_samples,
-                                  capture_old=self.old_logp == "first_pass")
+            problem = PolicyBatch(self.unwrapped, exp, L, self.fwd, rt, self.policy.guard,
+                                  cfg.algo.natural.fisher_samples, capture_old=self.old_logp == "first_pass")
             step = self.natural(problem, cfg.algo)
             records = [{**step, **r} for r in records] or [step]
         return [{"policy_frozen": 1.0, **r} for r in records] if frozen else records
@@ -291,7 +296,8 @@ class Trainer:
         self.state["opt_step"] += len(updates)
         self.state["step"] += 1
         batch = batch_metrics(exp, info.samples, info.reward_stats, cfg.train.samples_per_prompt, rt)
-        batch.update({"world_size": rt.num_processes, "skipped_steps": self.state["skipped_steps"], **self.prompts.stats})
+        batch.update({"world_size": rt.num_processes, "skipped_steps": self.state["skipped_steps"],
+                      **self.prompts.stats})
         batch.update({**info.metrics, "staleness": float(self.state["step"] - 1 - info.version)})
         if cfg.algo.kl.coef > 0:  # beta used this step; an adaptive controller then moves it by the sequence KL
             batch["kl_coef"] = self.kl_coef
@@ -307,7 +313,8 @@ class Trainer:
             for rec in records:
                 self.metrics.write(rec)
             self.trackers.log(records)
-            warn_about_step(records[0], group_relative=bool(algos.ADVANTAGES.meta(cfg.algo.advantage).get("group_relative")))
+            warn_about_step(records[0],
+                            group_relative=bool(algos.ADVANTAGES.meta(cfg.algo.advantage).get("group_relative")))
             rows = completion_rows(self.state["step"], exp, info.samples, cfg.log.completions_per_step)
             for row in rows:
                 self.completions.write(row)
@@ -374,7 +381,8 @@ class Trainer:
             path = ckpt.staging_dir(root, step) / f"async_rank{self.acc.process_index}.json"
             path.write_text(json.dumps({str(k): batch_to_json(b) for k, b in ready.items()}))
         if dist.shards_optimizer(self.layout):
-            dist.save_sharded(self.model, self.policy.optimizer, ckpt.staging_dir(root, step) / dist.SHARDED_DIR, self.layout)
+            dist.save_sharded(self.model, self.policy.optimizer, ckpt.staging_dir(root, step) / dist.SHARDED_DIR,
+                              self.layout)
         self.acc.wait_for_everyone()
         if self.is_main:
             state = {**self.state, "data": data, "layout": self.layout, "world_size": self.acc.num_processes}
@@ -395,7 +403,8 @@ class Trainer:
         if dist.shards_optimizer(layout) or dist.shards_optimizer(self.layout):
             if (layout, world) != (self.layout, self.acc.num_processes):
                 raise ckpt.CheckpointError(f"{path} was written by {world} process(es) under {layout}; a sharded "
-                                           f"checkpoint resumes only with the same layout, not {self.acc.num_processes} under {self.layout}")
+                                           f"checkpoint resumes only with the same layout, "
+                                           f"not {self.acc.num_processes} under {self.layout}")
             dist.load_sharded(self.model, self.policy.optimizer, path / dist.SHARDED_DIR, self.layout)
         self.prompts.load_state(state.pop("data"))
         self.state.update(state)

@@ -46,10 +46,12 @@ class Losses:
 def normalizer(mask_NT: Tensor, rt: Runtime, max_new_tokens: int) -> LossNormalizer:
     """The loss normaliser of the tokens `mask_NT` on every process (a collective call)."""
     return LossNormalizer(num_tokens=max(1.0, rt.reduce_sum(mask_NT.sum())),
-                          num_seqs=max(1.0, rt.reduce_sum((mask_NT.sum(-1) > 0).sum())), max_tokens=float(max_new_tokens))
+                          num_seqs=max(1.0, rt.reduce_sum((mask_NT.sum(-1) > 0).sum())),
+                          max_tokens=float(max_new_tokens))
 
 
-def mini_batches(exp: Experience, count: int, rt: Runtime, max_new_tokens: int) -> list[tuple[list[int], LossNormalizer]]:
+def mini_batches(exp: Experience, count: int, rt: Runtime,
+                 max_new_tokens: int) -> list[tuple[list[int], LossNormalizer]]:
     """(rows, normaliser) of each of `count` contiguous mini-batches of this process's batch."""
     size = len(exp) // count
     rows = [list(range(i * size, (i + 1) * size)) for i in range(count)]
@@ -144,9 +146,11 @@ def update(exp: Experience, policy: Optional[Trainable], critic: Optional[Traina
             if policy is not None:
                 record["kl"] = record.get("kl") if L.beta > 0 else None
                 gaps = {k: v for k, v in record.items() if k.startswith("engine/")} if epoch == 0 else gaps
-                record.update({**gaps, "grad_norm": policy.clip_and_step(rt.acc), "lr": policy.scheduler.get_last_lr()[0]})
+                record.update({**gaps, "grad_norm": policy.clip_and_step(rt.acc),
+                               "lr": policy.scheduler.get_last_lr()[0]})
             if critic is not None:
-                record.update({"critic/grad_norm": critic.clip_and_step(rt.acc), "critic/lr": critic.scheduler.get_last_lr()[0]})
+                record.update({"critic/grad_norm": critic.clip_and_step(rt.acc),
+                               "critic/lr": critic.scheduler.get_last_lr()[0]})
             records.append(record)
         if capture_old and epoch == 0:
             exp.old_logp_NT = old_logp_NT  # pi_old of every later pass

@@ -48,8 +48,8 @@ def test_hermes_reads_every_call_and_rejects_broken_ones():
     calls = parse(text)
     assert [(c.name, c.arguments) for c in calls] == [("add", {"a": 1, "b": 2}), ("price", {"item": "apple"})]
     assert parse("The answer is 3.") == []
-    for bad in ['<tool_call>{"name": "add", </tool_call>', '<tool_call>{"name": "add"}', '<tool_call>[1, 2]</tool_call>',
-                '<tool_call>{"name": "add", "arguments": [1]}</tool_call>']:
+    for bad in ['<tool_call>{"name": "add", </tool_call>', '<tool_call>{"name": "add"}',
+                '<tool_call>[1, 2]</tool_call>', '<tool_call>{"name": "add", "arguments": [1]}</tool_call>']:
         with pytest.raises(MalformedCall):
             parse(bad)
 

@@ -30,7 +30,8 @@ class ScriptedEngine:
             turn = text.count("<|im_start|>assistant")
             for _ in range(n):
                 ids = self.script(text, turn)
-                ids = (self.tok(ids, add_special_tokens=False)["input_ids"] if isinstance(ids, str) else ids) + [self.tok.eos_token_id]
+                ids = ((self.tok(ids, add_special_tokens=False)["input_ids"] if isinstance(ids, str) else ids)
+                       + [self.tok.eos_token_id])
                 outs.append(ids[: sampling.max_new_tokens])
                 fins.append(len(ids) <= sampling.max_new_tokens)
         return Rollouts([p for p in prompt_ids for _ in range(n)], outs, fins,
@@ -99,7 +100,8 @@ def test_a_tool_call_gets_its_result_as_environment_tokens_then_the_answer(tok):
     assert ep_ids[: len(first)] == first and mask[: len(first)] == [1] * len(first)
     env_part = [t for t, m in zip(ep_ids, mask) if m == 0]
     assert tok.decode(env_part) == "<|im_end|>\n<|im_start|>tool\n4711<|im_end|>\n<|im_start|>assistant\n"
-    assert all(lp == 0.0 for lp, m in zip(logps, mask) if m == 0) and all(lp == -0.25 for lp, m in zip(logps, mask) if m)
+    assert (all(lp == 0.0 for lp, m in zip(logps, mask) if m == 0)
+            and all(lp == -0.25 for lp, m in zip(logps, mask) if m))
     chat = spec(tok).chat
     msgs = chat.prompt_messages(batch().prompts[0], " (item codes are secret)") + transcript
     rendered = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]

@@ -346,8 +346,8 @@ def test_distillation_pulls_the_student_towards_the_teacher(tiny_cfg, rewards, t
     from tests.conftest import build_tiny_model
 
     teacher = build_tiny_model(tmp_path / "teacher", seed=7)
-    trainer = Trainer(tiny_cfg(rewards("zero"), f"distill.teacher={teacher}", "algo.advantage=reinforce", "algo.gamma=0",
-                               "algo.kl.coef=0", "train.steps=10", "train.lr=3e-3"))
+    trainer = Trainer(tiny_cfg(rewards("zero"), f"distill.teacher={teacher}", "algo.advantage=reinforce",
+                               "algo.gamma=0", "algo.kl.coef=0", "train.steps=10", "train.lr=3e-3"))
     assert trainer.old_logp == "forward"  # the reward reads log pi_old before the update
     exp, info = trainer.make_experience(PhaseTimer())
     gap_NT = (exp.old_logp_NT - exp.teacher_logp_NT) * exp.mask_NT

@@ -22,8 +22,8 @@ def test_zero_staleness_is_the_synchronous_loop(tiny_cfg, yes_reward):
 def test_samples_are_at_most_k_versions_stale_and_the_policy_learns(tiny_cfg, yes_reward, k):
     """fp32: the engine's log-probs equal the trainer's for the same weights, so the sampler/trainer gap is the
     staleness itself: 0 while the engine holds the policy's version, > 0 once it lags."""
-    trainer = Trainer(tiny_cfg(yes_reward, "train.steps=5", f"train.max_staleness={k}", "algo.is_correction=token_truncate",
-                               "algo.kl.coef=0", "train.lr=3e-3"))
+    trainer = Trainer(tiny_cfg(yes_reward, "train.steps=5", f"train.max_staleness={k}",
+                               "algo.is_correction=token_truncate", "algo.kl.coef=0", "train.lr=3e-3"))
     before = trainable(trainer)
     records = trainer.train()
     assert [r["staleness"] for r in records] == [float(min(k, s)) for s in range(5)]  # step s+1 trains on version s - k
@@ -38,8 +38,9 @@ def test_samples_are_at_most_k_versions_stale_and_the_policy_learns(tiny_cfg, ye
 def test_an_asynchronous_run_resumes_exactly(tiny_cfg, yes_reward, tmp_path):
     """The checkpoint at step 2 holds batch 3 (generated with version 1, not trained yet) and the prompts after it:
     resumed from there, steps 3 and 4 and the final weights equal the run that never stopped."""
-    overrides = [yes_reward, "train.steps=4", "train.max_staleness=1", "train.lr=3e-3", "algo.is_correction=token_truncate",
-                 "algo.kl.coef=0.1", "checkpoint.every=2", "checkpoint.keep_last=3"]
+    overrides = [yes_reward, "train.steps=4", "train.max_staleness=1", "train.lr=3e-3",
+                 "algo.is_correction=token_truncate", "algo.kl.coef=0.1", "checkpoint.every=2",
+                 "checkpoint.keep_last=3"]
     straight = Trainer(tiny_cfg(*overrides, f"output_dir={tmp_path}/a"))
     rec_a = straight.train()
     resumed = Trainer(tiny_cfg(*overrides, f"output_dir={tmp_path}/b",

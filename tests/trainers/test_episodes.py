@@ -52,8 +52,8 @@ def env_file(tmp_path):
 
 def counter(env_file, *extra):
     """The Counter environment; turns of up to 32 tokens, so that the random tiny model ends some with EOS."""
-    return [f"env.factory={env_file}:Counter", f"env.tool_parser={env_file}:always", "env.max_turns=3", "env.max_tokens=100",
-            "reward.functions=[]", "generation.max_new_tokens=32", *extra]
+    return [f"env.factory={env_file}:Counter", f"env.tool_parser={env_file}:always", "env.max_turns=3",
+            "env.max_tokens=100", "reward.functions=[]", "generation.max_new_tokens=32", *extra]
 
 
 def test_episodes_train_with_environment_tokens_masked(tiny_cfg, env_file):
@@ -66,7 +66,8 @@ def test_episodes_train_with_environment_tokens_masked(tiny_cfg, env_file):
     assert torch.all(exp.scores_N - answered >= 0) and torch.all(exp.scores_N - answered <= 1)  # + a dropped result
     records = trainer.train()
     assert len(records) == 2 and all(r["env/env_token_frac"] > 0 for r in records)
-    for key in ("env/turns_mean", "env/tool_calls_mean", "env/tool_errors", "env/truncated_frac", "reward/Counter/mean"):
+    for key in ("env/turns_mean", "env/tool_calls_mean", "env/tool_errors", "env/truncated_frac",
+                "reward/Counter/mean"):
         assert key in records[0], key
     rows = (trainer.out / "completions.jsonl").read_text()
     assert '"transcript"' in rows and '"role": "tool"' in rows
@@ -181,7 +182,8 @@ def test_trls_documented_environment_and_a_trl_style_tool_run_unchanged(tiny_cfg
     chat = trainer.episodes.chat
     messages = chat.prompt_messages(info.samples.prompts[0], "Initial observation for the model")
     assert exp.prompt_ids[0] == chat.prompt_ids(messages)  # reset's text is in the prompt the model saw
-    assert "my_tool(arg1: string, arg2: integer)" in messages[0]["content"] and "get_weather(city: string)" in messages[0]["content"]
+    assert ("my_tool(arg1: string, arg2: integer)" in messages[0]["content"]
+            and "get_weather(city: string)" in messages[0]["content"])
     assert set(info.samples.per_fn) == {"reward_func", "MyEnv"}
     # from a recipe: the same classes by path
     cfg = tiny_cfg("train.steps=1", f"env.factory={path}:MyEnv", f"env.tools=['{path}:get_weather']",
@@ -207,7 +209,8 @@ def test_episodes_under_accelerate_launch_with_two_processes(tiny_model_dir, tmp
     overrides = [*base_overrides(tiny_model_dir, tmp_path, "grpo"), *counter(env_file), "train.steps=2"]
     res = run_layout("cpu_2proc.yaml", overrides, tmp_path, env={"CUDA_VISIBLE_DEVICES": ""})
     assert res["world_size"] == 2 and [r["world_size"] for r in res["metrics"]] == [2, 2]
-    assert all(r["env/turns_mean"] >= 1 for r in res["metrics"]) and any(r["env/env_token_frac"] > 0 for r in res["metrics"])
+    assert (all(r["env/turns_mean"] >= 1 for r in res["metrics"])
+            and any(r["env/env_token_frac"] > 0 for r in res["metrics"]))
 
 
 @pytest.mark.slow
