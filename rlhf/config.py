@@ -354,10 +354,6 @@ class Config:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
         if t.max_staleness < 0:
             raise ConfigError(f"train.max_staleness must be >= 0, got {t.max_staleness}")
-        if t.max_staleness and self.generation.engine == "hf" and self.model.lora.enabled:
-            raise ConfigError("train.max_staleness > 0 samples while the policy trains: the hf engine samples "
-                              "a LoRA policy from the policy itself; use full fine-tuning (model.lora.enabled=false) "
-                              "or generation.engine=vllm")
         if t.max_staleness and self.algo.dynamic_sampling.enabled:
             raise ConfigError("algo.dynamic_sampling.enabled=true generates extra rounds on demand "
                               "(collective, synchronous); it cannot run with train.max_staleness > 0")

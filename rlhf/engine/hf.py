@@ -11,6 +11,7 @@ import transformers
 
 from rlhf.engine.base import Rollouts, SamplingParams
 from rlhf.engine.decode import FusedDecoder, fast_sampling, left_pad, sample
+from rlhf.engine.weights import hf_weights
 from rlhf.models.loading import inference_copy
 from rlhf.models.lora import is_peft
 from rlhf.models.precision import Bf16Casts, autocast
@@ -70,16 +71,32 @@ class HFEngine:
         self.eos = eos_ids(model, tokenizer)
         # asynchronous rollouts sample while the policy trains: from weights of the engine's own
         self.private = cfg.train.max_staleness > 0
+        # LoRA: a plain copy of the base architecture with the adapter merged in (peft's forward adds two small
+        # matmuls per layer and keeps generate off the decode loop: 1.9 s vs 0.8 s per step measured here)
+        self.lora = is_peft(model)
         fp32_weights = any(p.dtype == torch.float32 for p in model.parameters())
-        self.copy_weights = (self.compute_dtype == "bf16" and fp32_weights or self.private) and not is_peft(model)
+        self.copy_weights = self.compute_dtype == "bf16" and fp32_weights or self.private or self.lora
         dtype = torch.bfloat16 if self.compute_dtype == "bf16" else torch.float32
-        self.model = inference_copy(model, dtype) if self.copy_weights else model
-        # packed from the policy, whose embedding it also reads (unless private)
+        if self.lora:
+            self.model = inference_copy(model.get_base_model(), dtype, load=False)
+            self._copy_merged(model)
+        else:
+            self.model = inference_copy(model, dtype) if self.copy_weights else model
+        # packed from the policy, whose embedding it also reads (unless the copy keeps its own)
+        own = self.private or self.lora
         use_decoder = self.copy_weights and FusedDecoder.supports(self.model)
-        self.decoder = FusedDecoder(self.model, model, casts, own_embedding=self.private) if use_decoder else None
-        if self.decoder is not None:
+        source, casts = (self.model, None) if self.lora else (model, casts)
+        self.decoder = FusedDecoder(self.model, source, casts, own_embedding=own) if use_decoder else None
+        if self.decoder is not None and not self.lora:  # a LoRA copy keeps its merged weights: it is what packs
             self.decoder.drop_model_weights()  # the copy keeps its norms only
         self.seed_per_prompt, self.seed, self.calls = cfg.generation.seed_per_prompt, cfg.train.seed, 0
+
+    @torch.no_grad()
+    def _copy_merged(self, model: torch.nn.Module) -> None:
+        """The LoRA policy's weights, adapter merged (W + scale B A, one layer at a time), into the plain copy."""
+        params = dict(self.model.named_parameters())
+        for name, t in hf_weights(model):
+            params[name].copy_(t)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams,
@@ -148,6 +165,11 @@ class HFEngine:
     def update_weights(self, model: torch.nn.Module) -> None:
         if not self.copy_weights:
             self.model = model  # generation runs on the policy itself
+            return
+        if self.lora:
+            self._copy_merged(model)
+            if self.decoder is not None:
+                self.decoder.load(self.model)
             return
         src = dict(model.named_parameters())
         packed = self.decoder.packed_names if self.decoder is not None else set()

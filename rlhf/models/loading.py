@@ -72,7 +72,7 @@ def load_policy(mcfg, model: Optional[torch.nn.Module] = None) -> torch.nn.Modul
 
 
 @torch.no_grad()
-def inference_copy(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+def inference_copy(model: torch.nn.Module, dtype: Optional[torch.dtype] = None, load: bool = True) -> torch.nn.Module:
     """A frozen, eval-mode copy of a transformers model in `dtype` (for sampling).
 
     Built from the config and the state dict: `copy.deepcopy(model).to(dtype)` would also cast the
@@ -82,7 +82,8 @@ def inference_copy(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) 
     first = next(model.parameters())
     with torch.device(first.device):
         clone = type(model)._from_config(model.config, dtype=dtype or first.dtype)
-    clone.load_state_dict(model.state_dict())
+    if load:  # (else the caller fills the weights, e.g. with a LoRA adapter merged in)
+        clone.load_state_dict(model.state_dict())
     clone.generation_config = copy.deepcopy(model.generation_config)
     return clone.eval().requires_grad_(False)
 

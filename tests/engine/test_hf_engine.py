@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from rlhf.config import Config
@@ -113,10 +114,40 @@ def test_generate_feeds_the_output_layer_contiguous_input_and_removes_its_hook(t
     cfg = Config()
     cfg.model.compute_dtype = "fp32"
     for model in (base, lora):
-        head = model.get_output_embeddings()
+        engine = HFEngine(model, tokenizer, cfg)
+        head = engine.model.get_output_embeddings()  # LoRA: the engine's merged copy samples
         seen = []
         handle = head.register_forward_hook(lambda _, args, out: seen.append(args[0].is_contiguous()))
-        HFEngine(model, tokenizer, cfg).generate([[7, 8, 9], [10, 11]], n=2, sampling=SamplingParams(max_new_tokens=4))
+        engine.generate([[7, 8, 9], [10, 11]], n=2, sampling=SamplingParams(max_new_tokens=4))
         handle.remove()
         assert seen and all(seen)
         assert not head._forward_pre_hooks  # removed after the call
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_lora_policy_samples_from_a_merged_copy(tiny_model_dir, tokenizer, dtype):
+    """LoRA on the fast path: the engine keeps a plain copy with the adapter merged (the decode loop in bf16),
+    refreshed at every sync; greedy output equals the adapter model's own (fp32 exactly, bf16 up to near-ties)."""
+    from rlhf.config import LoraConfig, ModelConfig
+    from rlhf.engine.sync_check import check_sync
+    from rlhf.models.loading import load_policy
+
+    torch.manual_seed(0)  # the adapter's initialisation
+    policy = load_policy(ModelConfig(path=str(tiny_model_dir), compute_dtype=dtype, lora=LoraConfig(r=4)))
+    cfg = Config()
+    cfg.model.compute_dtype = dtype
+    engine = HFEngine(policy, tokenizer, cfg)
+    assert engine.model is not policy and not hasattr(engine.model, "peft_config")
+    assert (engine.decoder is not None) == (dtype == "bf16")
+    prompts = [[7, 8, 9], [10, 11, 12, 13], [14, 8]]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):  # stand-ins for optimizer steps on the adapter
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if "lora_" in n:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        assert not check_sync(engine, policy, tokenizer, prompts, 8, dtype).ok()  # stale until the sync
+        engine.update_weights(policy)
+        report = check_sync(engine, policy, tokenizer, prompts, 8, dtype)
+        # bf16: merged-then-rounded weights vs peft's separate low-rank path; stale weights give margins of ~10
+        assert report.ok(tie_tol=0.0 if dtype == "fp32" else 0.5), report

@@ -3,7 +3,6 @@ an exact resume, and k = 0 as the synchronous loop."""
 import pytest
 import torch
 
-from rlhf.config import ConfigError
 from rlhf.trainers import Trainer
 from tests.trainers.test_resume import assert_same_run, trainable
 
@@ -50,6 +49,10 @@ def test_an_asynchronous_run_resumes_exactly(tiny_cfg, yes_reward, tmp_path):
     assert_same_run(rec_a[2:], rec_b, trainable(straight), trainable(resumed))
 
 
-def test_lora_on_the_hf_engine_is_refused_with_staleness(tiny_cfg):
-    with pytest.raises(ConfigError, match="max_staleness"):
-        Trainer(tiny_cfg("train.max_staleness=1", "model.lora.enabled=true"))
+def test_lora_runs_asynchronously_from_the_engines_merged_copy(tiny_cfg, yes_reward):
+    trainer = Trainer(tiny_cfg(yes_reward, "train.steps=3", "train.max_staleness=1", "model.lora.enabled=true",
+                               "model.lora.r=4", "algo.is_correction=token_truncate", "train.lr=3e-2"))
+    assert trainer.engine.model is not trainer.unwrapped
+    records = trainer.train()
+    assert [r["staleness"] for r in records] == [0.0, 1.0, 1.0]
+    assert records[0]["engine/logp_gap_mean"] < 1e-4 < records[2]["engine/logp_gap_mean"]
