@@ -25,8 +25,59 @@ import sys
 import time
 from pathlib import Path
 
-SETTINGS = dict(model=os.environ.get("RLHF_BENCH_MODEL", "smollm2-135m-instruct"), prompts_per_step=2,
-                samples_per_prompt=8, max_new_tokens=32, kl_coef=0.04, lr=2e-5, updates_per_batch=1, full_finetune=True)
+SETTINGS = dict(model="smollm2-135m-instruct", prompts_per_step=2, samples_per_prompt=8, max_new_tokens=32,
+                kl_coef=0.04, lr=2e-5, updates_per_batch=1, full_finetune=True)
+SETTINGS.update(json.loads(os.environ.get("RLHF_BENCH_SETTINGS", "{}")))  # the parent's, in a worker
+
+# Realistic sizes without a download: random weights in the shape of Qwen2 models (the vocabulary is the embedded
+# SmolLM2's, whose tokenizer they use). Learning is not measured with them, only throughput.
+SHAPES = {
+    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                       num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+def shaped_model(name: str, cache: Path) -> Path:
+    """A model directory of `SHAPES[name]` with random weights (bf16 on disk) and SmolLM2's tokenizer; built once."""
+    path = cache / name
+    if (path / "config.json").is_file():
+        return path
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rlhf.models.loading import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    cfg = Qwen2Config(vocab_size=len(tok), max_position_embeddings=4096, rope_theta=1e6, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPES[name])
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def memory_gbs(mb: int = 256) -> float:
+    """Memory bandwidth (GB/s read + write) of copying a `mb` MB tensor: the ceiling of decoding, which reads every
+    weight once per token."""
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.empty(mb << 18, dtype=torch.float32, device=dev)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(5):
+        b.copy_(a)
+    sync()
+    return 2 * a.numel() * 4 * 5 / (time.perf_counter() - t) / 1e9
 
 
 def peak_rss_mb() -> float:
@@ -104,11 +155,14 @@ def run_rlhf(steps: int, warmup: int, out_dir: str, extra: list[str]) -> dict:
     phases = {k.removeprefix("time/").removesuffix("_s"): statistics.mean(r[k] for r in records)
               for k in records[0] if k.startswith("time/") and k != "time/step_s"}
     tokens = statistics.mean(r["tokens/total"] for r in records) if "tokens/total" in records[0] else None
+    samples = s["prompts_per_step"] * s["samples_per_prompt"]
+    generated = statistics.mean(r["completion/len_mean"] for r in records) * samples
     overlap = {k: statistics.mean(r.get(f"time/{k}_s", 0.0) for r in records) for k in ("async_generate", "wait")}
     return {"step_s": step_s, "async_generate_s": overlap["async_generate"], "wait_s": overlap["wait"],
             "samples_per_s": s["prompts_per_step"] * s["samples_per_prompt"] / step_s,
             "step_times_s": [r["time/step_s"] for r in records], "phases_s": phases,
-            **peak_memory(), "params": params, "tokens_per_step": tokens,
+            **peak_memory(), "params": params, "tokens_per_step": tokens, "generated_tokens": generated,
+            "decode_steps": s["max_new_tokens"],
             "reward_mean": statistics.mean(r["reward/mean"] for r in records), "threads": torch.get_num_threads()}
 
 
@@ -242,6 +296,22 @@ def run_async_pair(steps: int, warmup: int, out: Path, overrides: list[str], k: 
             "peak_rss_mb": {n: max(x["peak_rss_mb"] for x in runs[n]) for n in runs}}
 
 
+def ceilings(r: dict, gflops: float, gbs: float) -> dict:
+    """How close each phase is to its limit: the training phase's model FLOPs utilisation (6 x params x tokens per
+    forward + backward, over the measured matmul rate), and generation's tokens/s beside the memory-bandwidth limit
+    (every bf16 weight read once per decoding step: 2 bytes x params x steps / bandwidth)."""
+    out = {}
+    train_s = r["phases_s"].get("train")
+    if train_s:
+        out["train_mfu"] = float(f"{6 * r['params'] * r['tokens_per_step'] / train_s / (gflops * 1e9):.3g}")
+    gen_s, steps = r["phases_s"].get("generate"), r.get("decode_steps")
+    if gen_s and steps:
+        limit_s = 2 * r["params"] * steps / (gbs * 1e9)
+        out.update(decode_tokens_per_s=round(r["generated_tokens"] / gen_s, 1),
+                   decode_bandwidth_limit_s=float(f"{limit_s:.3g}"), decode_over_limit=float(f"{gen_s / limit_s:.3g}"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="rlhf bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -251,15 +321,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--async", dest="async_k", type=int, default=0, metavar="K",
                    help="also time the asynchronous loop (train.max_staleness=K) beside the synchronous one")
     p.add_argument("--out", default="runs/bench", help="scratch directory for the runs")
-    p.add_argument("--model", default=SETTINGS["model"], help="model for both frameworks (a name or a local directory)")
+    p.add_argument("--model", default=SETTINGS["model"],
+                   help="model for both frameworks: a name, a local directory, or a shape with random weights "
+                        f"({', '.join(SHAPES)})")
+    p.add_argument("--prompts", type=int, default=SETTINGS["prompts_per_step"], help="prompts per step")
+    p.add_argument("--samples", type=int, default=SETTINGS["samples_per_prompt"], help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=SETTINGS["max_new_tokens"], help="completion budget (<= 1024)")
     p.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra rlhf config overrides (key=value)")
     a = p.parse_args(argv)
     if a.worker:
         _worker(a.worker)
         return {}
-    SETTINGS["model"] = os.environ["RLHF_BENCH_MODEL"] = a.model  # the workers read it
-    result: dict = {"settings": SETTINGS, "steps": a.steps, "warmup": a.warmup}
+    if not 1 <= a.max_new_tokens <= 1024:
+        raise SystemExit(f"rlhf bench: --max-new-tokens must be in [1, 1024], got {a.max_new_tokens}")
+    model = str(shaped_model(a.model, Path(a.out) / "models")) if a.model in SHAPES else a.model
+    SETTINGS.update(model=model, prompts_per_step=a.prompts, samples_per_prompt=a.samples,
+                    max_new_tokens=a.max_new_tokens)
+    os.environ["RLHF_BENCH_SETTINGS"] = json.dumps(SETTINGS)  # the workers read it
+    result: dict = {"settings": {**SETTINGS, "shape": a.model if a.model in SHAPES else None}, "steps": a.steps,
+                    "warmup": a.warmup, "memory_gbs": round(memory_gbs(), 1)}
     result["matmul_gflops"] = {d: round(matmul_gflops(d), 1) for d in ("bf16", "fp32")}
     rounds, out = a.steps + a.warmup, Path(a.out)
     from rlhf.checks import check_config
@@ -290,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
         limit_s = flops / (result["matmul_gflops"]["bf16"] * 1e9)
         result["compute_limit_step_s"] = round(limit_s, 2)
         result["rlhf_step_over_limit"] = round(r["step_s"] / limit_s, 2)
+        result.update(ceilings(r, result["matmul_gflops"]["bf16"], result["memory_gbs"]))
     print(json.dumps(result))
     return result
 
