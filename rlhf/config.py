@@ -317,6 +317,9 @@ class EvalConfig:
     k: int = opt(4, "pass@k: completions sampled per eval prompt at generation.temperature (0: greedy only)")
     samples: int = opt(0, "samples per prompt for the unbiased pass@k estimate (0: k; more lowers its variance)")
     threshold: float = opt(1.0, "a completion counts as correct when its combined reward >= threshold")
+    functions: list[RewardSpec] = opt(
+        [], "what counts as correct, when it is not what trains (e.g. a task reward at weight 0 in reward.functions): "
+        "these functions' weighted sum >= threshold; []: reward.functions")
     max_prompts: int = opt(0, "evaluate only the first N eval prompts (0: all)")
     batch_size: int = opt(32, "eval prompts per generate call")
     before_after: bool = opt(

@@ -72,6 +72,17 @@ def test_threshold_decides_what_counts_as_correct(tiny_model_dir, tokenizer):
     assert "pass@0" not in strict and strict["samples"] == 0
 
 
+def test_eval_functions_decide_correctness_when_training_weighs_them_zero(tiny_model_dir, tokenizer):
+    """On-policy distillation trains with the task reward at weight 0: eval.functions still measure the task."""
+    overrides = [f"model.path={tiny_model_dir}", "data.eval=arithmetic", "eval.k=0",
+                 "reward.functions=[{fn: first_number_matches, weight: 0.0}]"]
+    engine = ScriptedEngine(tokenizer)
+    by_training = evaluate_engine(engine, tokenizer, load_config(None, overrides))
+    by_eval = evaluate_engine(engine, tokenizer,
+                              load_config(None, overrides + ["eval.functions=[{fn: first_number_matches}]"]))
+    assert by_training["greedy_accuracy"] == 0.0 and by_eval["greedy_accuracy"] > 0.2
+
+
 def test_eval_needs_an_eval_split(tiny_model_dir):
     with pytest.raises(ConfigError, match="data.eval is not set"):
         evaluate(tiny_model_dir, load_config(None, [f"model.path={tiny_model_dir}"]))
