@@ -3,11 +3,12 @@ import itertools
 import json
 
 import pytest
+import torch
 
 from rlhf.cli import main
 from rlhf.config import ConfigError, load_config
 from rlhf.engine import Rollouts
-from rlhf.evaluate import eval_prompts, evaluate, evaluate_engine, pass_at_k
+from rlhf.evaluate import eval_prompts, evaluate, evaluate_engine, load_for_eval, pass_at_k
 
 
 def brute_pass_at_k(n, c, k):
@@ -89,14 +90,22 @@ def test_eval_needs_an_eval_split(tiny_model_dir):
 
 
 def test_adapter_dir_evaluates_like_the_live_policy(lora_run):
+    """6 steps on a tiny random model do not reliably change its greedy answers, so that the trained adapter is
+    what `evaluate` loads (and not the base model) is checked on the logits."""
     run_dir, trainer = lora_run
     live = json.loads((run_dir / "eval.json").read_text())["after"]
     loaded = evaluate(run_dir / "final", trainer.cfg)
     assert [e["completion"] for e in loaded["examples"]] == [e["completion"] for e in live["examples"]]
     assert loaded["greedy_accuracy"] == live["greedy_accuracy"]
-    assert any("yes" in e["completion"] for e in live["examples"])  # training moved the policy
-    before = json.loads((run_dir / "eval.json").read_text())["before"]
-    assert before["greedy_mean_reward"] < live["greedy_mean_reward"]
+    model, _ = load_for_eval(run_dir / "final", trainer.cfg)
+    ids = torch.tensor([trainer.tokenizer.encode("What is 3 + 4? The answer is")])
+    policy = trainer.unwrapped
+    with torch.no_grad():
+        got, trained = model(ids).logits, policy(ids).logits
+        with policy.disable_adapter():
+            base = policy(ids).logits
+    assert torch.allclose(got, trained, atol=1e-4)
+    assert (trained - base).abs().max() > 1e-2  # training moved the policy
 
 
 def test_eval_cli_on_a_run_dir(lora_run, tmp_path, capsys):
