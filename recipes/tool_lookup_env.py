@@ -10,7 +10,7 @@ class CodeBook:
     """One episode: the row's item and its code, and the one tool that reveals it."""
 
     def reset(self, item: str, code: str, **row) -> str:
-        self.item, self.code, self.calls = item, str(code), 0
+        self.item, self.code = item, str(code)
         return (f' Look it up: reply with <tool_call>'
                 f'{{"name": "lookup", "arguments": {{"item": "{item}"}}}}</tool_call>'
                 " and then answer with the code.")
@@ -21,7 +21,6 @@ class CodeBook:
         Args:
             item: The item's name, for example "apple".
         """
-        self.calls += 1
         if item.strip().lower().removeprefix("the ") != self.item:
             return f"There is no code for {item!r}."
         return f"The code of the {self.item} is {self.code}."

@@ -1,11 +1,11 @@
 """`rlhf sweep RECIPE --seeds 0,1,2 [key=value ...]`: one recipe over several seeds, and one report of them all.
 
 Each seed is a whole run (`rlhf train RECIPE train.seed=S output_dir=OUT/seed_S ...`) in its own process, one
-after another here (`--parallel N` runs N at a time, e.g. one per device). The report, OUT/sweep.html with
-OUT/sweep.png and OUT/sweep.json, gives every curve as the mean over seeds with the band from the lowest to the
-highest seed, a table of the eval results per seed (greedy accuracy before and after, pass@k), when each run
-first reached a reward level and how far it fell after, and how long each took. A seed that fails is reported
-by name, with the last line of its log, and the others are kept.
+after another by default; `--parallel N` runs N at a time, each on its own GPU where there are several. The
+report, OUT/sweep.html with OUT/sweep.png and OUT/sweep.json, gives every curve as the mean over seeds with the
+band from the lowest to the highest seed, a table of the eval results per seed (greedy accuracy before and
+after, pass@k), when each run first reached a reward level and how far it fell after, and how long each took.
+A seed that fails is reported by name, with the last line of its log, and the others are kept.
 """
 from __future__ import annotations
 
@@ -37,25 +37,39 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use (CUDA_VISIBLE_DEVICES, else all of them); [] without any."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d for d in listed.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 def run_seeds(recipe: Optional[str], seeds: list[int], out: Path, overrides: list[str],
-              parallel: int = 1) -> dict[int, dict]:
-    """Run every seed (at most `parallel` at a time); {seed: {"dir", "returncode", "seconds", "log"}}."""
+              parallel: int = 1, gpus: Optional[list[str]] = None) -> dict[int, dict]:
+    """Run every seed (at most `parallel` at a time; with GPUs, run i of those at once sees only GPU i mod their
+    number); {seed: {"dir", "returncode", "seconds", "log"}}."""
     out.mkdir(parents=True, exist_ok=True)
+    gpus = visible_gpus() if gpus is None else gpus
     results: dict[int, dict] = {}
-    running: list[tuple[int, subprocess.Popen, float]] = []
+    running: list[tuple[int, subprocess.Popen, float, int]] = []  # (seed, process, start, slot)
     queue = list(seeds)
     while queue or running:
         while queue and len(running) < parallel:
             seed = queue.pop(0)
+            slot = min(set(range(parallel)) - {r[3] for r in running})
             run_dir, log = out / f"seed_{seed}", out / f"seed_{seed}.log"
             cmd = [sys.executable, "-m", "rlhf.cli", "train", *([recipe] if recipe else []), *overrides,
                    f"train.seed={seed}", f"output_dir={run_dir}", "log.progress=false"]
+            env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]} if gpus and parallel > 1 else {})}
             with open(log, "w") as f:
-                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ})
-            running.append((seed, proc, time.perf_counter()))
-        for seed, proc, t0 in list(running):
+                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+            running.append((seed, proc, time.perf_counter(), slot))
+        for seed, proc, t0, slot in list(running):
             if proc.poll() is not None:
-                running.remove((seed, proc, t0))
+                running.remove((seed, proc, t0, slot))
                 results[seed] = {"dir": str(out / f"seed_{seed}"), "returncode": proc.returncode,
                                  "seconds": round(time.perf_counter() - t0, 1), "log": str(out / f"seed_{seed}.log")}
         time.sleep(0.5)
@@ -114,7 +128,7 @@ def plot(agg: dict[str, dict], path: Path, title: str) -> Path:
     return path
 
 
-def summarize(recipe: str, out: Path, results: dict[int, dict]) -> dict:
+def summarize(recipe: str, results: dict[int, dict]) -> dict:
     """sweep.json: per seed (status, time, eval, the hold of the reward), and the aggregated curves."""
     per_seed, curves = {}, {}
     for seed, r in sorted(results.items()):
@@ -167,7 +181,7 @@ def render(summary: dict, png: Path) -> str:
 
 
 def write_report(recipe: str, out: Path, results: dict[int, dict]) -> dict:
-    summary = summarize(recipe, out, results)
+    summary = summarize(recipe, results)
     png = plot(summary["curves"], out / "sweep.png", title=Path(recipe).stem) if any(
         a["step"] for a in summary["curves"].values()) else out / "sweep.png"
     (out / "sweep.json").write_text(json.dumps(summary, indent=1))

@@ -1,9 +1,10 @@
 """`rlhf sweep`: seeds run one after another, curves aggregated (mean, min, max), a failed seed reported by name
-while the others are kept."""
+while the others are kept; parallel seeds spread over the GPUs."""
 import json
 import subprocess
 import sys
 
+from rlhf import sweep
 from rlhf.sweep import aggregate, hold
 
 
@@ -46,3 +47,25 @@ def test_two_seeds_and_one_that_fails(tiny_overrides, tmp_path):
     per_seed = [json.loads(line)["reward/mean"] for s in (0, 1)
                 for line in (out / "ok" / f"seed_{s}" / "metrics.jsonl").read_text().splitlines()[:1]]
     assert means["seeds"] == [2, 2] and abs(means["mean"][0] - sum(per_seed) / 2) < 1e-9
+
+
+def test_parallel_seeds_get_a_gpu_each(tmp_path, monkeypatch):
+    """--parallel 2 over two GPUs: the runs at once see different GPUs, and a finished run's GPU goes to the next."""
+    started = []
+
+    class Finished:
+        returncode = 0
+
+        def __init__(self, cmd, env, **kw):
+            started.append((cmd[-3], env.get("CUDA_VISIBLE_DEVICES")))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", Finished)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    sweep.run_seeds(None, [0, 1, 2], tmp_path, [], parallel=2, gpus=["4", "7"])
+    assert started == [("train.seed=0", "4"), ("train.seed=1", "7"), ("train.seed=2", "4")]
+    started.clear()
+    sweep.run_seeds(None, [0, 1], tmp_path, [], parallel=1, gpus=["4", "7"])  # one at a time: the GPUs as given
+    assert [gpu for _, gpu in started] == [None, None]

@@ -14,14 +14,14 @@ from rlhf.registry import Registry
 ENGINES: Registry = Registry("generation engine")
 
 
-@ENGINES.register("hf", sampler_logps=True, bf16_casts=True)
+@ENGINES.register("hf", bf16_casts=True)
 def _hf(model, tokenizer, cfg, casts=None):
     from rlhf.engine.hf import HFEngine
 
     return HFEngine(model, tokenizer, cfg, casts)
 
 
-@ENGINES.register("vllm", sampler_logps=True, requires="vllm")
+@ENGINES.register("vllm", requires="vllm")
 def _vllm(model, tokenizer, cfg):
     from rlhf.engine.vllm import VLLMEngine  # vllm itself is imported only when the engine is built
 

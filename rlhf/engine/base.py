@@ -32,7 +32,10 @@ class Rollouts:
 
 @runtime_checkable
 class GenerationEngine(Protocol):
-    """Samples completions for token-id prompts with the current policy weights."""
+    """Samples completions for token-id prompts with the current policy weights.
+
+    An engine may set `free_logps = True` when the log-probs of its sampled tokens cost nothing extra: the trainer
+    then always asks for them (the sampler/trainer gap metric); otherwise only an IS correction asks."""
 
     def generate(
         self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams, return_logps: bool = False

@@ -54,14 +54,15 @@ def contiguous_head_input(model: torch.nn.Module):
 
 
 class HFEngine:
-    """Batched left-padded sampling with `model.generate`.
+    """Batched left-padded sampling from the policy itself or from a copy of its own, refreshed by `update_weights`.
 
-    With bf16 compute and fp32 full weights, generation runs on a bf16 copy refreshed by
-    `update_weights` (one 2-byte copy per step instead of re-casting every weight at every
-    decoding step under autocast), through our own decode loop (rlhf.engine.decode) where the
-    architecture is a Llama-family one on CPU. Otherwise it runs `generate` on the policy itself.
-    The decode loop offers its bf16 casts of the policy's weights to `casts` (rlhf.models.precision.Bf16Casts),
-    when the trainer gives one.
+    A copy is kept for bf16 compute over fp32 weights (a bf16 copy: one 2-byte copy per step instead of re-casting
+    every weight at every decoding step under autocast), for asynchronous rollouts (the policy trains meanwhile)
+    and for LoRA (a plain copy of the base architecture with the adapter merged: peft's extra matmuls per layer
+    cost more than the merge). The copy of a Llama- or Qwen2-family model decodes on CPU through our own loop
+    (rlhf.engine.decode), which also offers its bf16 casts of the policy's weights to `casts`
+    (rlhf.models.precision.Bf16Casts) when the trainer gives one; everything else runs `generate`. Full fine-tuning
+    in fp32 and synchronous samples from the policy itself.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, cfg, casts: Optional[Bf16Casts] = None):
@@ -90,6 +91,8 @@ class HFEngine:
         if self.decoder is not None and not self.lora:  # a LoRA copy keeps its merged weights: it is what packs
             self.decoder.drop_model_weights()  # the copy keeps its norms only
         self.seed_per_prompt, self.seed, self.calls = cfg.generation.seed_per_prompt, cfg.train.seed, 0
+        # the decode loop has the sampled tokens' log-probs at hand; `generate` would keep [N, T, vocab] scores
+        self.free_logps = self.decoder is not None
 
     @torch.no_grad()
     def _copy_merged(self, model: torch.nn.Module) -> None:

@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -102,6 +103,8 @@ def distributed_rank() -> tuple[int, int]:
 class VLLMEngine:
     """`GenerationEngine` on an in-process vLLM `LLM` built from `model.path`."""
 
+    free_logps = True  # the sampled token's log-prob only (logprobs=0)
+
     def __init__(self, model: torch.nn.Module, tokenizer, cfg):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: the worker is reachable
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -128,6 +131,9 @@ class VLLMEngine:
         self.adapters: list[tuple[int, Path]] = []  # (version, directory), oldest first
         self.lora = None  # the LoRARequest of the version in use (None: the base, as an untrained adapter)
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rlhf-vllm-adapters-")) if self.adapter_sync else None
+        # removed by close(), or with the engine, or at exit, whichever comes first
+        self._remove_adapters = (weakref.finalize(self, shutil.rmtree, self.adapter_root, ignore_errors=True)
+                                 if self.adapter_root is not None else lambda: None)
         lora = ({"enable_lora": True, "max_lora_rank": max(8, _lora_rank(model)), "max_loras": self.keep_versions}
                 if self.adapter_sync else {})
         with _keep_torch_threads():
@@ -186,7 +192,13 @@ class VLLMEngine:
         adapter sync) hand vLLM the adapter alone under a new name."""
         if self.adapter_sync:
             self._load_adapter(model)
-            return
+        else:
+            self._reload(model)
+        if self.asleep:  # weights are in place: bring back the KV cache
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+
+    def _reload(self, model: torch.nn.Module) -> None:
         weights = cast(hf_weights(model), self.dtype)
 
         def reload(worker) -> None:
@@ -195,9 +207,6 @@ class VLLMEngine:
 
         self.llm.collective_rpc(reload)
         self.llm.reset_prefix_cache()
-        if self.asleep:  # weights are in place: bring back the KV cache
-            self.llm.wake_up(tags=["kv_cache"])
-            self.asleep = False
 
     def _load_adapter(self, model: torch.nn.Module) -> None:
         """Save the adapter (a few MB) as version n + 1 and sample with it from now on. vLLM keys its prefix cache
@@ -216,13 +225,16 @@ class VLLMEngine:
             shutil.rmtree(old_path, ignore_errors=True)
 
     def sleep(self) -> None:
-        """GPU with `generation.vllm.sleep`: discard weights and KV cache until the next sync (level 2)."""
+        """GPU with `generation.vllm.sleep`: free the KV cache and the weights until the next sync. A full-weight
+        sync refills the weights, so they are discarded (level 2); an adapter sync keeps the base, so it goes to
+        CPU memory and comes back (level 1)."""
         if self.sleep_mode and not self.asleep:
-            self.llm.sleep(level=2)
+            self.llm.sleep(level=1 if self.adapter_sync else 2)
             self.asleep = True
 
     def wake(self) -> None:
-        """Re-allocate the weights' memory; `update_weights` fills it and then restores the KV cache."""
+        """Re-allocate the weights' memory (level 1: with their values); `update_weights` then restores the KV
+        cache."""
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
 
@@ -233,8 +245,7 @@ class VLLMEngine:
 
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
-        if self.adapter_root is not None:
-            shutil.rmtree(self.adapter_root, ignore_errors=True)
+        self._remove_adapters()
         destroy_model_parallel()
         if self.world == 1:
             destroy_distributed_environment()

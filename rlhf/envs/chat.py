@@ -34,6 +34,8 @@ def signature(schema: dict) -> str:
     args = ", ".join(f"{k}: {v.get('type', 'any')}" for k, v in props.items())
     notes = " ".join(f"{k}: {v['description']}" for k, v in props.items() if v.get("description"))
     return f"- {fn['name']}({args}): {fn.get('description', '')}" + (f" {notes}" if notes else "")
+
+
 _SENTINEL = "rlhf0sentinel0assistant0turn"
 
 

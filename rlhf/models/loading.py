@@ -131,3 +131,11 @@ def load_teacher(path: str, tokenizer, compute_dtype: str, trust_remote_code: bo
     if compute_dtype == "bf16":
         cast_linear_weights_(teacher, torch.bfloat16)
     return teacher
+
+
+def uses_dropout(model: torch.nn.Module) -> bool:
+    """Whether a training forward of `model` draws random numbers: a dropout module (LoRA's included) or an
+    attention dropout in its config."""
+    config = getattr(model, "config", None)
+    return (any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+            or float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0)

@@ -99,7 +99,6 @@ def episode_rewards(spec: Optional[EpisodeSpec]) -> list[tuple[Callable, float]]
     return [(reward, 1.0)]
 
 
-
 def _env_call(ep: Episode, spec: EpisodeSpec, method: str, kwargs: dict) -> Any:
     try:
         return call(getattr(ep.env, method), kwargs, spec.cfg.tool_timeout_s)

@@ -8,8 +8,10 @@ min(k, s - 1) versions after the weights that produced it, and nothing is genera
 use (admission control, as AReaL and SkyRL do, rather than generating and throwing away).
 
 The schedule is fixed, so a run is reproducible: each batch samples with its own seed (`train.seed`, the batch
-index), and a checkpoint holds the finished batches still to be trained; the batch in flight is regenerated on
-resume from the same weights, prompts and seed.
+index), and a checkpoint holds the batches up to v + k still to be trained; batch v + k + 1 (in flight, done or
+not started, which differs between processes) is regenerated on resume from the same weights, prompts and seed.
+Sampling seeds torch's global generator in this thread: a policy with dropout would draw from it in the training
+thread meanwhile, so such a run is not reproducible to the bit (the trainer warns).
 """
 from __future__ import annotations
 
@@ -19,14 +21,29 @@ from typing import Callable, Optional
 
 import torch
 
+from rlhf.errors import UserError
+from rlhf.logging import PhaseTimer
+from rlhf.rollout.groups import Batch, RolloutSource, sample_round
+from rlhf.runtime import Runtime
+
+
+def async_batch(src: RolloutSource, cfg, rt: Runtime, s: int) -> Batch:
+    """Batch s in the producer's thread (no collective call: no DAPO rounds), generated with version s - 1 - k."""
+    timer = PhaseTimer()
+    batch = sample_round(src, cfg, rt, timer)
+    batch.version = max(0, s - 1 - cfg.train.max_staleness)
+    batch.metrics.update({f"time/async_{k}_s": v for k, v in timer.seconds.items()})
+    return batch
+
 
 class AsyncError(RuntimeError):
-    """The background generation failed; the original error is its cause."""
+    """The background generation failed (a bug, not the user's input); the original error is its cause."""
 
 
 class Producer:
     """Runs `make(s) -> (samples, reward_stats, env_stats)` for batches s = first .. last in a thread, at most
-    k versions ahead. `take(s)` hands batch s to the trainer; `publish(v, sync)` loads version v."""
+    k versions ahead. `take(s)` hands batch s to the trainer; after step v, `idle_for(v)` waits until the thread
+    is idle, the trainer loads version v into the engine, and `admit(v)` lets generation go on."""
 
     def __init__(self, make: Callable[[int], tuple], k: int, first: int, last: int, seed: int,
                  ready: Optional[dict] = None, snapshot: Optional[Callable[[], dict]] = None):
@@ -36,12 +53,15 @@ class Producer:
         self.next = max([first - 1, *self.done]) + 1  # the next batch to generate
         self.admitted = first + k  # batches up to this one may be generated now
         self.error: Optional[BaseException] = None
+        self.device = torch.cuda.current_device() if torch.cuda.is_available() else None  # the trainer's GPU
         self.cond = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="rlhf-rollouts", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
+        if self.device is not None:  # a new thread starts on GPU 0
+            torch.cuda.set_device(self.device)
         try:
             while True:
                 with self.cond:
@@ -51,7 +71,7 @@ class Producer:
                     s = self.next
                     if self.snapshot is not None:
                         self.states[s] = self.snapshot()
-                devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+                devices = [self.device] if self.device is not None else []
                 with torch.random.fork_rng(devices=devices):  # the batch's own sampling seed: reproducible
                     torch.manual_seed(zlib.crc32(f"{self.seed}:batch:{s}".encode()))
                     out = self.make(s)
@@ -68,6 +88,8 @@ class Producer:
         with self.cond:
             self.cond.wait_for(lambda: s in self.done or self.error is not None)
             if self.error is not None and s not in self.done:
+                if isinstance(self.error, UserError):  # a reward function, a tool, ...: its one-line message
+                    raise self.error
                 raise AsyncError(f"generating batch {s} failed: "
                                  f"{type(self.error).__name__}: {self.error}") from self.error
 
@@ -78,25 +100,28 @@ class Producer:
             self.states.pop(s, None)
             return self.done.pop(s)
 
-    def publish(self, v: int, sync: Callable[[], None]) -> None:
-        """After training step v: wait for batch v + k (generated with an older version), then `sync()` the engine to
-        version v while the thread is idle, then admit batch v + k + 1."""
+    def idle_for(self, v: int) -> None:
+        """After training step v: wait for batch v + k (generated with an older version); the thread is then idle
+        until `admit(v)`, so the engine can load version v."""
         if v + self.k <= self.last:
             self._wait(v + self.k)
-        sync()
+
+    def admit(self, v: int) -> None:
+        """The engine holds version v: batch v + k + 1 may be generated."""
         with self.cond:
             self.admitted = v + self.k + 1
             self.cond.notify_all()
 
     def pending(self) -> tuple[dict[int, tuple], Optional[dict]]:
-        """(the generated batches not yet trained, the prompt source's state before the first batch after them):
-        what a checkpoint saves; call right after `publish`."""
+        """What a checkpoint after `admit(v)` saves, the same on every process: the generated batches up to v + k not
+        yet trained, and the prompt source's state before batch v + k + 1 (whether it is done, in flight or not
+        started yet), which a resume regenerates."""
         with self.cond:
-            ready = dict(self.done)
-            after = max([self.next - 1, *ready]) + 1
-            if after in self.states:  # in flight: the state it was drawn from
-                return ready, self.states[after]
-            return ready, self.snapshot() if self.snapshot is not None else None  # not started (it waits on this lock)
+            cut = self.admitted
+            ready = {s: b for s, b in self.done.items() if s < cut}
+            if cut in self.states:  # started: the state it was drawn from
+                return ready, self.states[cut]
+            return ready, self.snapshot() if self.snapshot is not None else None  # not started: it waits on this lock
 
     def close(self) -> None:
         with self.cond:

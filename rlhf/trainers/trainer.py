@@ -18,6 +18,7 @@ step with a critic (`rlhf.trainers.critic`). Helpers never see the trainer: they
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -34,8 +35,15 @@ from rlhf.checks import check_config
 from rlhf.config import Config, ConfigError, to_dict
 from rlhf.data import PromptSource, load_prompt_dataset
 from rlhf.engine import ENGINES
-from rlhf.logging import JsonlWriter, PhaseTimer, Progress, quiet_repeated_warnings, warn_about_step
-from rlhf.models.loading import load_policy, load_reference, load_teacher, load_tokenizer, with_pad_token
+from rlhf.logging import JsonlWriter, PhaseTimer, Progress, quiet_repeated_warnings, warn_about_step, warn_once
+from rlhf.models.loading import (
+    load_policy,
+    load_reference,
+    load_teacher,
+    load_tokenizer,
+    uses_dropout,
+    with_pad_token,
+)
 from rlhf.models.precision import Bf16Casts
 from rlhf.redact import redact
 from rlhf.rewards import RewardModule
@@ -48,9 +56,8 @@ from rlhf.rollout import (
     episode_metrics,
     episode_rewards,
     rollout,
-    sample_round,
 )
-from rlhf.rollout.producer import Producer
+from rlhf.rollout.producer import Producer, async_batch
 from rlhf.runtime import Runtime
 from rlhf.trackers import Trackers, make_accelerator
 from rlhf.trainers import checkpoint as ckpt
@@ -140,6 +147,9 @@ class Trainer:
         d = cfg.distill
         self.teacher = None if not d.teacher else load_teacher(d.teacher, self.tokenizer, cfg.model.compute_dtype,
                                                              cfg.model.trust_remote_code).to(self.acc.device)
+        if cfg.train.max_staleness and uses_dropout(policy):
+            warn_once("train.max_staleness > 0 with dropout in the policy: the background sampling and the dropout "
+                      "masks share torch's generator, so this run is not reproducible to the bit (resume included)")
         optimizer = build_optimizer(policy, cfg.train)
         self.total_opt_steps = cfg.train.steps * cfg.train.updates_per_batch * cfg.train.mini_batches_per_pass
         if self.layout in ("zero2", "zero3"):
@@ -158,8 +168,8 @@ class Trainer:
         self.engine = ENGINES.get(name)(self.whole_model, self.tokenizer, cfg, **extra)
         if casts is not None and casts.offered:  # the engine casts at every sync (the HF engine's decode loop)
             casts.install(self.unwrapped)
-        # sampler log-probs: needed by an IS correction, and free from engines that declare them (gap metric)
-        want_logps = cfg.algo.is_correction != "none" or ENGINES.meta(cfg.generation.engine).get("sampler_logps", False)
+        # sampler log-probs: needed by an IS correction; the gap metric where the engine has them for free
+        want_logps = cfg.algo.is_correction != "none" or getattr(self.engine, "free_logps", False)
         self.source = RolloutSource(self.prompts, self.engine, self.rewards, self.tokenizer, want_logps, self.episodes)
         self.fwd = ForwardSpec(self.tokenizer.pad_token_id, cfg.generation.temperature, cfg.model.compute_dtype,
                                self.acc.device, cfg.train.pack_prompts)
@@ -220,16 +230,17 @@ class Trainer:
         exp, batch = self.make_experience(timer)
         with timer("train"):
             updates = self.update(exp)
-        with timer("sync"):  # asynchronous: first waits for the batch k ahead (rlhf.rollout.producer)
-            self.publish(self.state["step"] + 1)
+        self.publish(self.state["step"] + 1, timer)
         return self.log_step(exp, batch, updates, timer, t0)
 
     def next_batch(self, timer: PhaseTimer) -> Batch:
         """This step's scored samples: generated now, or (train.max_staleness > 0) taken from the producer."""
         k = self.cfg.train.max_staleness
         if k and self.producer is None:  # generation runs ahead from here on, in a background thread
-            self.producer = Producer(self._produce, k, self.state["step"] + 1, self.cfg.train.steps,
+            make = functools.partial(async_batch, self.source, self.cfg, self.rt)
+            self.producer = Producer(make, k, self.state["step"] + 1, self.cfg.train.steps,
                                      self.cfg.train.seed, self._resumed_batches, self.prompts.state)
+            self._resumed_batches = {}  # the producer holds them now
         if self.producer is None:
             batch = rollout(self.source, self.cfg, self.rt, timer)  # generate + score (+ DAPO rounds)
             self.engine.sleep()  # frees the GPU for training where the engine supports it
@@ -238,13 +249,16 @@ class Trainer:
         with timer("wait"):
             return self.producer.take(self.state["step"] + 1)
 
-    def publish(self, version: int) -> None:
-        """Make the engine sample from policy `version` (the policy now): at once, or when the producer is idle."""
-        if self.producer is None:
+    def publish(self, version: int, timer: PhaseTimer) -> None:
+        """Make the engine sample from policy `version` (the policy now): at once, or once the producer is idle."""
+        if self.producer is not None:
+            with timer("wait"):  # for the batch k ahead (rlhf.rollout.producer)
+                self.producer.idle_for(version)
+        with timer("sync"):
             self.engine.wake()
             self.sync_weights()
-        else:
-            self.producer.publish(version, self.sync_weights)
+        if self.producer is not None:
+            self.producer.admit(version)
 
     def make_experience(self, timer: PhaseTimer) -> tuple[Experience, Batch]:
         """A scored batch, then everything the update reads: log-probs, values, rewards, advantages."""
@@ -362,14 +376,6 @@ class Trainer:
         if cfg.checkpoint.save_final:
             self.save_final()
         return history
-
-    def _produce(self, s: int) -> Batch:
-        """Batch s in the producer's thread (no collective call), generated with policy version s - 1 - k."""
-        timer = PhaseTimer()
-        batch = sample_round(self.source, self.cfg, self.rt, timer)
-        batch.version = max(0, s - 1 - self.cfg.train.max_staleness)
-        batch.metrics.update({f"time/async_{k}_s": v for k, v in timer.seconds.items()})
-        return batch
 
     def save_checkpoint(self) -> None:
         root = self.out / "checkpoints"

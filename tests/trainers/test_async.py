@@ -56,3 +56,11 @@ def test_lora_runs_asynchronously_from_the_engines_merged_copy(tiny_cfg, yes_rew
     records = trainer.train()
     assert [r["staleness"] for r in records] == [0.0, 1.0, 1.0]
     assert records[0]["engine/logp_gap_mean"] < 1e-4 < records[2]["engine/logp_gap_mean"]
+
+
+def test_dropout_in_an_asynchronous_run_is_warned_about(tiny_cfg, yes_reward):
+    """Sampling in the producer thread and the dropout masks of training share torch's global generator."""
+    from rlhf.logging import RlhfWarning
+
+    with pytest.warns(RlhfWarning, match="dropout"):
+        Trainer(tiny_cfg(yes_reward, "train.max_staleness=1", "model.lora.enabled=true", "model.lora.dropout=0.1"))
