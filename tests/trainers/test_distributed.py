@@ -29,6 +29,9 @@ CASES = {
     "grpo": [],  # GRPO, ppo_clip, KL in the loss to the frozen (unsharded) reference
     # PPO: a separate critic, GAE over per-token rewards with the KL penalty in them
     "ppo": ["algo.advantage=gae", "algo.kl.placement=in_reward", "algo.kl.estimator=k1", "critic.type=separate"],
+    # asynchronous rollouts: each rank's producer thread samples its prompts from the engine's private copy; 3 steps,
+    # so that steps 2 and 3 train on samples one version stale
+    "async": ["train.max_staleness=1", "algo.is_correction=token_truncate", "train.steps=3"],
 }
 
 
@@ -112,7 +115,8 @@ def test_ddp_two_processes_match_one_process(case, single, tiny_model_dir, tmp_p
     assert ref["world_size"] == 1 and ref["layout"] == "single"
     got = run_layout("cpu_2proc.yaml", overrides, tmp_path, env=CPU_ONLY)
     assert got["world_size"] == 2 and got["layout"] == "ddp"
-    assert [m["world_size"] for m in got["metrics"]] == [2]
+    assert [m["world_size"] for m in got["metrics"]] == [2] * len(ref["metrics"])
+    assert [m.get("staleness") for m in got["metrics"]] == [m.get("staleness") for m in ref["metrics"]]
     assert len(got["completions"]) == 8  # 2 prompts x 4 samples, one prompt's group on each rank
     assert_same_step(ref, got)
     init = initial_params(tiny_model_dir)

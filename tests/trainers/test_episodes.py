@@ -224,3 +224,17 @@ def test_episodes_with_the_vllm_engine(tiny_cfg, tiny_vllm_model_dir, env_file):
     assert torch.all(exp.sampler_logp_NT[exp.actions_NT.bool()] < 0)  # the engine's own log-probs on its tokens
     records = trainer.train()
     assert all(r["engine/logp_gap_mean"] < 0.05 and r["env/turns_mean"] >= 1 for r in records)
+
+
+@pytest.mark.slow
+@requires_vllm
+def test_episodes_run_asynchronously_with_the_vllm_engine(tiny_cfg, tiny_vllm_model_dir, env_file):
+    """vLLM runs the episodes in the producer thread, its weights loaded between batches: every sample is at most
+    one version stale, and the first step's (fresh) samples agree with the trainer."""
+    trainer = Trainer(tiny_cfg(f"model.path={tiny_vllm_model_dir}", "generation.engine=vllm",
+                               "generation.vllm.kv_cache_gb=0.25", *counter(env_file), "train.steps=3",
+                               "train.max_staleness=1", "algo.is_correction=token_truncate"))
+    records = trainer.train()
+    assert [r["staleness"] for r in records] == [0.0, 1.0, 1.0]
+    assert all(r["env/turns_mean"] >= 1 and "is/ratio_mean" in r for r in records)
+    assert records[0]["engine/logp_gap_mean"] < 0.05
