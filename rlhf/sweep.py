@@ -20,11 +20,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from rlhf.report import CSS, _table, load_metrics, series
 
-CURVES = ("reward/mean", "kl", "completion/len_mean", "grad_norm")
+CURVES = ("reward/mean", "kl", "completion/len_mean", "grad_norm", "distill/reverse_kl")  # those a run logs
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -112,7 +112,7 @@ def plot(agg: dict[str, dict], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in CURVES if agg.get(k, {}).get("step")]
+    keys = [k for k in agg if agg[k].get("step")]
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.2 * max(1, len(keys)), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         a = agg[key]
@@ -128,7 +128,7 @@ def plot(agg: dict[str, dict], path: Path, title: str) -> Path:
     return path
 
 
-def summarize(recipe: str, results: dict[int, dict]) -> dict:
+def summarize(recipe: str, results: dict[int, dict], curves_keys: Sequence[str] = CURVES) -> dict:
     """sweep.json: per seed (status, time, eval, the hold of the reward), and the aggregated curves."""
     per_seed, curves = {}, {}
     for seed, r in sorted(results.items()):
@@ -146,7 +146,7 @@ def summarize(recipe: str, results: dict[int, dict]) -> dict:
             entry["eval"] = {when: {k: v for k, v in (data.get(when) or {}).items() if k == "greedy_accuracy"
                                     or k.startswith("pass@")} for when in ("before", "after")}
         per_seed[seed] = entry
-    agg = {key: aggregate(curves, key) for key in CURVES}
+    agg = {key: aggregate(curves, key) for key in curves_keys}
     return {"recipe": recipe, "seeds": per_seed, "curves": agg,
             "failed": [s for s, e in per_seed.items() if e["returncode"] != 0]}
 
@@ -180,8 +180,8 @@ def render(summary: dict, png: Path) -> str:
 """
 
 
-def write_report(recipe: str, out: Path, results: dict[int, dict]) -> dict:
-    summary = summarize(recipe, results)
+def write_report(recipe: str, out: Path, results: dict[int, dict], curves_keys: Sequence[str] = CURVES) -> dict:
+    summary = summarize(recipe, results, curves_keys)
     png = plot(summary["curves"], out / "sweep.png", title=Path(recipe).stem) if any(
         a["step"] for a in summary["curves"].values()) else out / "sweep.png"
     (out / "sweep.json").write_text(json.dumps(summary, indent=1))
@@ -197,6 +197,8 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--out", default=None, help="where the runs and the report go (default runs/sweep_<recipe>)")
     p.add_argument("--parallel", type=int, default=1,
                    help="seeds run at a time (one per device where there are several)")
+    p.add_argument("--curve", action="append", default=[], metavar="KEY",
+                   help="a metrics.jsonl key to plot too (repeatable), e.g. reward/first_number_matches/mean")
     p.add_argument("overrides", nargs="*", help="config overrides for every seed (key=value)")
     a = p.parse_intermixed_args(argv)  # options may come before or after the overrides
     if "=" in a.recipe:  # no YAML, only overrides (as `rlhf train` takes them)
@@ -209,7 +211,7 @@ def main(argv: list[str]) -> dict:
         check_config(load_config(a.recipe, a.overrides))
     out = Path(a.out or f"runs/sweep_{Path(a.recipe or 'overrides').stem}")
     results = run_seeds(a.recipe, parse_seeds(a.seeds), out, a.overrides, max(1, a.parallel))
-    summary = write_report(a.recipe or "overrides", out, results)
+    summary = write_report(a.recipe or "overrides", out, results, [*CURVES, *a.curve])
     for seed, e in summary["seeds"].items():
         status = "ok" if e["returncode"] == 0 else f"FAILED ({e.get('error', '')})"
         print(f"seed {seed}: {status}, {e['seconds']} s, 5-step mean >= 0.8 at step {e.get('reached_at')}, "

@@ -40,13 +40,16 @@ def test_two_seeds_and_one_that_fails(tiny_overrides, tmp_path):
     page = (out / "sweep.html").read_text()
     assert "failed: " in page and "seed one is cursed" in page and "data:image/png;base64," in page
     proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "sweep", "--seeds", "0,1", "--out", str(out / "ok"), *args,
-                           f"reward.functions=[{{fn: '{good}:r'}}]"], capture_output=True, text=True, timeout=600)
+                           f"reward.functions=[{{fn: '{good}:r'}}]", "--curve", "reward/r/mean"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "ok" / "sweep.json").read_text())
     means = summary["curves"]["reward/mean"]
     per_seed = [json.loads(line)["reward/mean"] for s in (0, 1)
                 for line in (out / "ok" / f"seed_{s}" / "metrics.jsonl").read_text().splitlines()[:1]]
     assert means["seeds"] == [2, 2] and abs(means["mean"][0] - sum(per_seed) / 2) < 1e-9
+    assert summary["curves"]["reward/r/mean"]["mean"] == means["mean"]  # --curve: one reward function's own curve
+    assert "distill/reverse_kl" not in summary["curves"] or not summary["curves"]["distill/reverse_kl"]["step"]
 
 
 def test_parallel_seeds_get_a_gpu_each(tmp_path, monkeypatch):
