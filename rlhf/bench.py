@@ -25,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-SETTINGS = dict(model="smollm2-135m-instruct", prompts_per_step=2, samples_per_prompt=8, max_new_tokens=32,
+DEFAULTS = dict(model="smollm2-135m-instruct", prompts_per_step=2, samples_per_prompt=8, max_new_tokens=32,
                 kl_coef=0.04, lr=2e-5, updates_per_batch=1, full_finetune=True)
-SETTINGS.update(json.loads(os.environ.get("RLHF_BENCH_SETTINGS", "{}")))  # the parent's, in a worker
+SETTINGS = {**DEFAULTS, **json.loads(os.environ.get("RLHF_BENCH_SETTINGS", "{}"))}  # the parent's, in a worker
 
 # Realistic sizes without a download: random weights in the shape of Qwen2 models (the vocabulary is the embedded
 # SmolLM2's, whose tokenizer they use). Learning is not measured with them, only throughput.
@@ -321,12 +321,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--async", dest="async_k", type=int, default=0, metavar="K",
                    help="also time the asynchronous loop (train.max_staleness=K) beside the synchronous one")
     p.add_argument("--out", default="runs/bench", help="scratch directory for the runs")
-    p.add_argument("--model", default=SETTINGS["model"],
+    p.add_argument("--model", default=DEFAULTS["model"],
                    help="model for both frameworks: a name, a local directory, or a shape with random weights "
                         f"({', '.join(SHAPES)})")
-    p.add_argument("--prompts", type=int, default=SETTINGS["prompts_per_step"], help="prompts per step")
-    p.add_argument("--samples", type=int, default=SETTINGS["samples_per_prompt"], help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=SETTINGS["max_new_tokens"], help="completion budget (<= 1024)")
+    p.add_argument("--prompts", type=int, default=DEFAULTS["prompts_per_step"], help="prompts per step")
+    p.add_argument("--samples", type=int, default=DEFAULTS["samples_per_prompt"], help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"], help="completion budget (<= 1024)")
     p.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra rlhf config overrides (key=value)")
     a = p.parse_args(argv)
