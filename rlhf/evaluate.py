@@ -80,8 +80,9 @@ def _evaluate(engine, tokenizer, cfg: Config, model_name: str, rewards: Optional
     ev, g = cfg.eval, cfg.generation
     if cfg.eval.functions:  # what counts as correct is not what trains
         rewards = RewardModule(cfg.eval.functions, cfg.reward.on_error, cfg.reward.timeout_s)
-    rewards = rewards or RewardModule(list(cfg.reward.functions) + episode_rewards(episodes), cfg.reward.on_error,
-                                      cfg.reward.timeout_s)
+    elif rewards is None:
+        rewards = RewardModule(list(cfg.reward.functions) + episode_rewards(episodes), cfg.reward.on_error,
+                               cfg.reward.timeout_s)
     source = eval_prompts(cfg, tokenizer)
     src = RolloutSource(source, engine, rewards, tokenizer, False, episodes)
     n = ev.samples or ev.k
